@@ -1,0 +1,212 @@
+"""CDDB (Continual Deepfake Detection Benchmark) as a class-incremental protocol.
+
+Layout and label rules follow LoRAX / CDDB-DyTox (``specs/lorax_cddb.md`` 2.1-2.3):
+``<root>/<task>/{train,val}/[<subcategory>/]{0_real,1_fake}/*``, task ``i`` adds the
+classes real = 2i and fake = 2i+1, sub-categories merge into one real and one fake
+class, and ``val`` is the test set. ``root: null`` builds the synthetic twin and reads
+it with this same loader.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from genattr.data.base import ContinualProtocol, Task
+from genattr.data.images import (
+    BadImageStats,
+    ImageListDataset,
+    Sample,
+    check_bad_image_policy,
+    scan_image_folder,
+)
+from genattr.data.transforms import test_transform, train_transform
+from genattr.utils.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+CDDB_TASKS: tuple[str, ...] = (
+    "gaugan",
+    "biggan",
+    "cyclegan",
+    "imle",
+    "deepfake",
+    "crn",
+    "wild",
+    "glow",
+    "stargan_gf",
+    "stylegan",
+    "whichfaceisreal",
+    "san",
+)
+SUBCATEGORIES: dict[str, list[str]] = {
+    "cyclegan": ["apple", "horse", "orange", "summer", "winter", "zebra"],
+    "stylegan": ["bedroom", "car", "cat"],
+    "glow": ["black_hair", "blond_hair", "brown_hair"],
+    "stargan_gf": ["black_hair", "blond_hair", "brown_hair"],
+}
+CLASS_DIRS = ("0_real", "1_fake")  # index = offset of the label within the task
+
+
+def _subcategory_dirs(split_dir: Path) -> list[Path]:
+    """The folders holding ``0_real``/``1_fake`` for one split: itself, or its sub-categories.
+
+    Detection mirrors the original loader: a flat split has ``0_real`` directly; any
+    other split is a set of sub-category folders, each of which must be complete.
+    """
+    if not split_dir.is_dir():
+        raise DataError(
+            f"{split_dir} does not exist; expected the split folder holding "
+            f"{CLASS_DIRS[0]}/ and {CLASS_DIRS[1]}/ (or sub-category folders that do)"
+        )
+    if (split_dir / CLASS_DIRS[0]).is_dir():
+        groups = [split_dir]
+    else:
+        groups = sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not groups:
+            raise DataError(
+                f"{split_dir} holds neither {CLASS_DIRS[0]}/ nor sub-category folders; "
+                f"expected {CLASS_DIRS[0]}/ and {CLASS_DIRS[1]}/ inside it"
+            )
+    for group in groups:
+        for cls in CLASS_DIRS:
+            if not (group / cls).is_dir():
+                raise DataError(
+                    f"{group / cls} does not exist; expected the "
+                    f"{'real' if cls == CLASS_DIRS[0] else 'fake'} images of {group} there"
+                )
+    return groups
+
+
+def _load_split(
+    split_dir: Path, *, task_index: int, crop: int, on_bad_image: str, stats: BadImageStats
+) -> tuple[list[Sample], dict[str, int], int]:
+    """Samples of one task split (real then fake, each sorted by path), counts, #sub-categories."""
+    groups = _subcategory_dirs(split_dir)
+    samples: list[Sample] = []
+    counts: dict[str, int] = {}
+    for offset, cls in enumerate(CLASS_DIRS):
+        paths = [
+            p
+            for group in groups
+            for p in scan_image_folder(
+                group / cls, min_size=crop, on_bad_image=on_bad_image, stats=stats
+            )
+        ]
+        label = 2 * task_index + offset
+        samples += [Sample(str(p), label, task_index) for p in sorted(paths)]
+        counts[cls.split("_", 1)[1]] = len(paths)
+    return samples, counts, len(groups) if groups != [split_dir] else 0
+
+
+def _check_tasks(tasks: Sequence[str]) -> list[str]:
+    tasks = [str(t) for t in tasks]
+    unknown = [t for t in tasks if t not in CDDB_TASKS]
+    if unknown:
+        raise ConfigError(f"unknown CDDB task(s) {unknown} in data.tasks; valid: {', '.join(CDDB_TASKS)}")
+    if not tasks or len(set(tasks)) != len(tasks):
+        raise ConfigError(f"data.tasks must list each CDDB task at most once and not be empty, got {tasks}")
+    return tasks
+
+
+def _twin_root(cache_dir: str | None, twin: Mapping[str, Any] | None, crop: int) -> Path:
+    """Generate (or reuse) the synthetic twin; lazy import keeps real runs free of it."""
+    from genattr.data.twins.cddb import ensure_cddb_twin
+
+    kwargs = {str(k): v for k, v in (twin or {}).items()}
+    image_size = int(kwargs.get("image_size", 40))
+    if image_size < crop:
+        raise ConfigError(
+            f"data.crop={crop} is larger than the twin's image_size={image_size}; "
+            "set data.twin.image_size >= data.crop (the twin is cropped like CDDB, never resized)"
+        )
+    if cache_dir is None:
+        cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "genattr")
+        log.warning("data.cache_dir is not set; caching the CDDB twin under %s", cache_dir)
+    return ensure_cddb_twin(cache_dir, **kwargs)
+
+
+def build_cddb(
+    *,
+    name: str,
+    tasks: Sequence[str],
+    root: str | None,
+    crop: int,
+    on_bad_image: str = "error",
+    twin: Mapping[str, Any] | None = None,
+    cache_dir: str | None = None,
+    splits: Mapping[str, str] | None = None,
+) -> ContinualProtocol:
+    """Build a CDDB scenario (``conf/data/cddb_*.yaml`` ``_target_``).
+
+    ``splits`` maps the protocol's ``train`` / ``test`` to on-disk folders and defaults
+    to CDDB's ``train`` / ``val``. Every image must be at least ``crop`` on both sides,
+    because LoRAX crops at native resolution.
+    """
+    task_names = _check_tasks(tasks)
+    check_bad_image_policy(on_bad_image)
+    split_dirs = {"train": "train", "test": "val", **dict(splits or {})}
+    crop = int(crop)
+    if root is None:
+        log.warning(
+            "data.root is null: using the SYNTHETIC CDDB twin, not the real CDDB data "
+            "(set data.root to the CDDB folder for real results)"
+        )
+        source, data_root = "twin", _twin_root(cache_dir, twin, crop)
+    else:
+        source, data_root = "real", Path(root).expanduser()
+        if not data_root.is_dir():
+            raise DataError(
+                f"data.root={root} does not exist; point it at the folder holding "
+                f"{', '.join(t + '/' for t in CDDB_TASKS[:3])} ... or set data.root=null "
+                "for the synthetic twin"
+            )
+
+    stats = BadImageStats()
+    counts: dict[str, dict[str, dict[str, int]]] = {}
+    n_sub: dict[str, int] = {}
+    task_objs: list[Task] = []
+    for i, task in enumerate(task_names):
+        task_dir = data_root / task
+        if not task_dir.is_dir():
+            raise DataError(
+                f"{task_dir} does not exist; expected CDDB task {task!r} there with "
+                f"{split_dirs['train']}/ and {split_dirs['test']}/ folders"
+            )
+        sets: dict[str, ImageListDataset] = {}
+        counts[task] = {}
+        for role, transform in (("train", train_transform(crop)), ("test", test_transform(crop))):
+            folder = split_dirs[role]
+            samples, counts[task][folder], n_sub[task] = _load_split(
+                task_dir / folder, task_index=i, crop=crop, on_bad_image=on_bad_image, stats=stats
+            )
+            sets[role] = ImageListDataset(samples, transform)
+        log.info(
+            "CDDB task %d %s (classes %d/%d, %d sub-categories): %s",
+            i, task, 2 * i, 2 * i + 1, n_sub[task], counts[task],
+        )  # fmt: skip
+        task_objs.append(Task(i, task, (2 * i, 2 * i + 1), sets["train"], sets["test"]))
+
+    if stats.total:
+        log.warning("skipped %d bad images (data.on_bad_image=skip): %s", stats.total, stats.counts)
+    info: dict[str, Any] = {
+        "counts": counts,
+        "subcategories": n_sub,
+        "bad_images": stats.as_dict(),
+        "crop": crop,
+        "splits": split_dirs,
+        "on_bad_image": on_bad_image,
+    }
+    if source == "twin":
+        info["twin"] = {str(k): v for k, v in (twin or {}).items()}
+    return ContinualProtocol(
+        name=name,
+        tasks=task_objs,
+        source=source,
+        root=data_root,
+        n_classes=2 * len(task_objs),
+        info=info,
+    )

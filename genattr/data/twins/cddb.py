@@ -1,0 +1,166 @@
+"""Synthetic twin of CDDB, written in CDDB's own on-disk layout.
+
+The twin is read by the real CDDB loader (DESIGN principle 1), so every path of
+``build_cddb`` is exercised without the 30 GB download. Each task name is a domain
+(``content.domain_style``) and a generator (``fingerprints.TRACES``); real and fake
+images share the domain's content distribution, so only the fingerprint separates them.
+
+The output is a cache keyed by a hash of the parameters and ``GENERATOR_VERSION``:
+bump the version whenever the bytes a parameter set produces change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from genattr.data.cddb import CDDB_TASKS, SUBCATEGORIES
+from genattr.data.twins.content import domain_style, name_seed, render
+from genattr.data.twins.fingerprints import TRACES
+from genattr.utils.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+GENERATOR_VERSION = 1
+MANIFEST = "twin.json"
+_CHUNK = 64  # images rendered per numpy batch; bounds memory at large image sizes
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+
+
+def _split_counts(n: int, parts: int) -> list[int]:
+    """Spread ``n`` images over ``parts`` sub-categories as evenly as possible."""
+    return [n // parts + (i < n % parts) for i in range(parts)]
+
+
+def _write_class(
+    folder: Path,
+    *,
+    task: str,
+    sub: str,
+    split: str,
+    fake: bool,
+    n: int,
+    size: int,
+    seed: int,
+    strength: float,
+) -> None:
+    """Render ``n`` images of one (task, sub-category, split, class) into ``folder``."""
+    folder.mkdir(parents=True)
+    style = domain_style(task, sub) if sub else domain_style(task)
+    key = name_seed(task, sub, split, int(fake))
+    for start in range(0, n, _CHUNK):
+        rng = np.random.default_rng([seed, key, start])
+        batch = render(rng, min(_CHUNK, n - start), size, style)
+        if fake:
+            batch = TRACES[task].apply(batch, rng, strength)
+        for k, image in enumerate(_to_uint8(batch), start):
+            Image.fromarray(image).save(folder / f"{task}_{k:05d}.png", compress_level=1)
+
+
+def _generate(out: Path, *, tasks: Sequence[str], splits: dict[str, int], **render_kw: Any) -> dict:
+    """Write every task into ``out`` and return the per-class counts for the manifest."""
+    counts: dict[str, dict] = {}
+    for task in tasks:
+        subs = SUBCATEGORIES.get(task, [""])
+        counts[task] = {}
+        for split, n in splits.items():
+            for sub, n_sub in zip(subs, _split_counts(n, len(subs)), strict=True):
+                base = out / task / split / sub if sub else out / task / split
+                for fake in (False, True):
+                    cls = "1_fake" if fake else "0_real"
+                    _write_class(
+                        base / cls, task=task, sub=sub, split=split, fake=fake, n=n_sub, **render_kw
+                    )
+            counts[task][split] = {"0_real": n, "1_fake": n}
+    return counts
+
+
+def ensure_cddb_twin(
+    cache_dir: str | Path,
+    *,
+    image_size: int = 40,
+    n_train: int = 96,
+    n_val: int = 48,
+    seed: int = 0,
+    tasks: Sequence[str] = CDDB_TASKS,
+    strength: float = 1.0,
+) -> Path:
+    """Return the twin folder for these parameters, generating it once if needed.
+
+    ``n_train`` / ``n_val`` are per class (real and fake each) per task; ``strength``
+    scales every fingerprint (1.0 = calibrated default, 0 = fakes look like reals,
+    a negative control). Generation
+    happens in a temporary sibling folder that is renamed into place, so a crash or a
+    concurrent run never leaves a half-written twin behind the cache key.
+    """
+    tasks = [str(t) for t in tasks]
+    unknown = sorted(set(tasks) - set(CDDB_TASKS))
+    if unknown:
+        raise ConfigError(f"unknown CDDB twin task(s) {unknown}; valid: {', '.join(CDDB_TASKS)}")
+    if min(image_size, n_train, n_val) < 1:
+        raise ConfigError(
+            f"data.twin needs positive image_size/n_train/n_val, got {image_size}/{n_train}/{n_val}"
+        )
+    params = {
+        "image_size": int(image_size),
+        "n_train": int(n_train),
+        "n_val": int(n_val),
+        "seed": int(seed),
+        "tasks": tasks,
+        "strength": float(strength),
+        "generator_version": GENERATOR_VERSION,
+    }
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    base = Path(cache_dir).expanduser() / "cddb_twin"
+    final = base / digest
+    if (final / MANIFEST).is_file():
+        return final
+    if final.exists():
+        raise DataError(
+            f"{final} exists but has no {MANIFEST}, so it is not a finished twin; delete it "
+            "and run again to regenerate"
+        )
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.tmp-", dir=base))
+    start = time.perf_counter()
+    try:
+        counts = _generate(
+            tmp,
+            tasks=tasks,
+            splits={"train": params["n_train"], "val": params["n_val"]},
+            size=params["image_size"],
+            seed=params["seed"],
+            strength=params["strength"],
+        )
+        manifest = {
+            "params": params,
+            "subcategories": {t: SUBCATEGORIES.get(t, []) for t in tasks},
+            "fingerprints": {t: TRACES[t].description for t in tasks},
+            "counts": counts,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / MANIFEST).is_file():  # not a concurrent winner: a real failure
+                raise
+            shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("generated CDDB twin %s in %.1fs", final, time.perf_counter() - start)
+    return final

@@ -1,0 +1,30 @@
+"""Build the Accelerator from ``trainer`` settings, with clear errors for impossible ones."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from genattr.engine.distributed import export_torch_distributed_env
+from genattr.utils.errors import ConfigError
+
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+def make_accelerator(trainer: Mapping[str, Any]) -> Accelerator:
+    export_torch_distributed_env()
+    mp = str(trainer.get("mixed_precision", "no"))
+    if mp not in PRECISIONS:
+        raise ConfigError(f"trainer.mixed_precision={mp} is unknown; choose one of {list(PRECISIONS)}.")
+    cpu = bool(trainer.get("cpu", False)) or not torch.cuda.is_available()
+    if mp == "fp16" and cpu:
+        raise ConfigError(
+            "trainer.mixed_precision=fp16 needs a CUDA GPU and none is in use; "
+            "set trainer.mixed_precision=no (or bf16) to run on CPU."
+        )
+    return Accelerator(
+        cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=int(trainer.get("grad_accum", 1))
+    )

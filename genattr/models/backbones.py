@@ -1,0 +1,107 @@
+"""Backbones by timm name: hub weights, a local weight file, or the twin-pretrained cache.
+
+A backbone returns pooled features (``num_classes=0``): for ConViT the CLS token after
+the final LayerNorm, which is what LoRAX concatenates across adapters.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from genattr.utils.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def create_backbone(
+    *,
+    name: str,
+    pretrained: bool = False,
+    weights: str | None = None,
+    img_size: int | None = None,
+    kwargs: Mapping[str, Any] | None = None,
+    twin_pretrain: Mapping[str, Any] | None = None,
+    cache_dir: str | None = None,
+) -> nn.Module:
+    """Build ``name`` from timm without a classifier.
+
+    ``weights`` (a local ``.safetensors``/``.pth`` file) wins over ``pretrained``; it is
+    what offline cluster nodes use. With ``twin_pretrain.enabled`` and neither of the
+    two, the backbone is pretrained once on the synthetic pretraining set and cached.
+    """
+    extra = dict(kwargs or {})
+    if img_size is not None:
+        extra["img_size"] = img_size
+    if name not in timm.list_models():
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:20]
+        raise ConfigError(
+            f"model.name={name} is not a timm model; similar names: {close or 'none'} "
+            "(python -c \"import timm; print(timm.list_models('convit*'))\" lists them)."
+        )
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"model.weights={weights} does not exist (expected a .safetensors or .pth file).")
+        log.info("loading %s weights from %s", name, path)
+        return timm.create_model(
+            name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, num_classes=0, **extra
+        )
+    if pretrained:
+        _check_hub_reachable(name)
+        return timm.create_model(name, pretrained=True, num_classes=0, **extra)
+    model = timm.create_model(name, pretrained=False, num_classes=0, **extra)
+    if twin_pretrain and twin_pretrain.get("enabled"):
+        from genattr.models.twin_pretrain import ensure_twin_backbone
+
+        if cache_dir is None:
+            raise ConfigError("model.cache_dir must be set to cache the twin-pretrained backbone.")
+        file = ensure_twin_backbone(model, name=name, extra=extra, cache_dir=Path(cache_dir), **twin_pretrain)
+        from safetensors.torch import load_file
+
+        missing, unexpected = model.load_state_dict(load_file(file), strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"twin backbone {file} does not match {name}: {missing} {unexpected}")
+    return model
+
+
+def _check_hub_reachable(name: str) -> None:
+    """Offline + pretrained without a cached file is an immediate error, not a 50 s hang."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes"):
+        return
+    cfg = timm.models.get_pretrained_cfg(name)
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        for fname in ("model.safetensors", "pytorch_model.bin"):
+            if isinstance(try_to_load_from_cache(hub_id, fname), str):
+                return
+    raise ConfigError(
+        f"model.pretrained=true needs the {name} weights from the Hugging Face hub, but "
+        "HF_HUB_OFFLINE=1 and they are not cached; set model.weights=/path/to/weights.safetensors "
+        "or model.pretrained=false."
+    )
+
+
+def feature_dim(model: nn.Module) -> int:
+    """Width of the pooled feature a backbone returns."""
+    dim = getattr(model, "num_features", None)
+    if dim is None:
+        raise TypeError(f"{type(model).__name__} has no num_features")
+    return int(dim)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def state_dict_cpu(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}

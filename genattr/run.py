@@ -1,0 +1,152 @@
+"""``run(cfg)``: seed, context, build protocol + method, ``method.run``, report. Nothing else."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from genattr.config import apply_twin_profile, check_compatibility, explicit_override_keys, register_resolvers
+from genattr.engine.accelerator import make_accelerator
+from genattr.engine.checkpoint import Checkpointer
+from genattr.methods.base import Report, RunContext
+from genattr.tracking.base import NullTracker, Tracker
+from genattr.tracking.mlflow import flatten_params
+from genattr.utils.errors import ConfigError
+from genattr.utils.git import git_info
+from genattr.utils.instantiate import build
+from genattr.utils.io import atomic_write_json, atomic_write_text
+from genattr.utils.seed import seed_everything
+
+log = logging.getLogger(__name__)
+
+#: Keys that do not change results; a checkpoint may be resumed across changes to them.
+_NOT_RESULT_SHAPING = ("resume", "stop_after_task", "paths", "tracking", "tags", "cluster", "task_name")
+
+
+def _hydra_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
+def config_fingerprint(cfg: DictConfig) -> str:
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for key in _NOT_RESULT_SHAPING:
+        data.pop(key, None)
+    data.get("trainer", {}).pop("num_workers", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _checkpointer(cfg: DictConfig, out: Path) -> Checkpointer:
+    ckpt = Checkpointer(out / "checkpoints", keep_last=int(cfg.trainer.get("keep_checkpoints", 2)))
+    resume = str(cfg.resume)
+    if resume == "never":
+        if ckpt.completed():
+            raise ConfigError(
+                f"{ckpt.folder} already holds checkpoints and resume=never; use resume=auto to continue "
+                "that run or another hydra.run.dir for a fresh one."
+            )
+    elif resume != "auto":
+        src = Checkpointer(Path(resume).expanduser() / "checkpoints")
+        found = src.latest()
+        if found is None:
+            raise ConfigError(f"resume={resume}: no task checkpoint under {src.folder}.")
+        if not ckpt.completed():
+            shutil.copytree(found[0], ckpt.path(int(found[1]["task"])))
+            log.warning("resume: copied %s into %s", found[0], ckpt.folder)
+    return ckpt
+
+
+def _tracker(cfg: DictConfig, main_process: bool) -> Tracker:
+    if not main_process:
+        return NullTracker()
+    return build(cfg.tracking)
+
+
+def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Report:
+    """Run the experiment described by ``cfg``; return the method's report."""
+    register_resolvers()
+    overrides = _hydra_overrides() if overrides is None else list(overrides)
+    twin_changes = apply_twin_profile(cfg, explicit_override_keys(overrides))
+    check_compatibility(cfg)
+    out = Path(cfg.paths.output_dir)
+    seed_everything(int(cfg.seed), deterministic=bool(cfg.trainer.get("deterministic", True)))
+    accelerator = make_accelerator(cfg.trainer)
+    main = accelerator.is_main_process
+    checkpoints = _checkpointer(cfg, out) if main else Checkpointer(out / "checkpoints")
+    accelerator.wait_for_everyone()
+    found = checkpoints.latest()
+    tracker = _tracker(cfg, main)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    source = "twin" if cfg.data.get("root") is None else "real"
+    tags = {
+        "method": str(cfg.method.name), "data": str(cfg.data.name), "data_source": source,
+        "seed": str(cfg.seed), "task_name": str(cfg.task_name), "output_dir": str(out),
+        "overrides": " ".join(overrides)[:5000], **git_info(cfg.paths.root_dir),
+    } | {f"tag.{t}": "true" for t in cfg.get("tags") or []}
+    run_id = found[1].get("mlflow_run_id") if found else None
+    tracker.start(run_name=f"{cfg.task_name}-s{cfg.seed}", tags=tags, params=flatten_params(resolved), run_id=run_id)
+    try:
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+            tracker.log_artifact(out / "config.yaml", "config")
+            if twin_changes:
+                tracker.log_dict({"applied": twin_changes}, "config/twin_profile.json")
+        ctx = RunContext(
+            accelerator=accelerator, tracker=tracker, output_dir=out, checkpoints=checkpoints,
+            seed=int(cfg.seed), stop_after_task=cfg.get("stop_after_task"),
+            config_fingerprint=config_fingerprint(cfg),
+        )
+        protocol = build(cfg.data)
+        if main:
+            tracker.log_dict(_jsonable(protocol.info), "data/info.json")
+        method = build(
+            cfg.method,
+            model=OmegaConf.to_container(cfg.model, resolve=True),
+            trainer=OmegaConf.to_container(cfg.trainer, resolve=True),
+        )
+        report = method.run(protocol, ctx)
+        if main:
+            _write_outputs(report, out, tracker)
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end("FINISHED" if report.completed else "KILLED")
+    if main:
+        print(report.summary)
+        print(f"results: {out / 'results.json'}")
+        print(tracker.describe())
+    return report
+
+
+def _write_outputs(report: Report, out: Path, tracker: Tracker) -> None:
+    from genattr.tracking.plots import plot_accuracy_matrix, plot_stage_curve
+
+    res = report.results
+    atomic_write_json(out / "results.json", res)
+    tracker.log_artifact(out / "results.json")
+    if report.metrics:
+        tracker.log_metrics(report.metrics)
+    names = res.get("task_names")
+    if names and "acc_matrix" in res:
+        plots = out / "plots"
+        plots.mkdir(exist_ok=True)
+        title = f"{res['method']} on {res['data']} ({res['data_source']}, seed {res['seed']})"
+        plot_accuracy_matrix(res["acc_matrix"], names, plots / "acc_matrix.png", title)
+        plot_stage_curve({"multi-real": res["stage_avg"]}, names, plots / "stage_avg.png", "average accuracy (%)")
+        for p in sorted(plots.glob("*.png")):
+            tracker.log_artifact(p, "plots")
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))

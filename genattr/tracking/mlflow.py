@@ -1,0 +1,376 @@
+"""MLflow tracker that never relies on global MLflow state or the current directory.
+
+Why a wrapper instead of ``mlflow.start_run``: Hydra changes output dirs and SLURM
+requeues jobs, so every call goes through an ``MlflowClient`` bound to an explicit,
+absolute tracking URI; the run id is explicit so a requeued job resumes the same run;
+metrics are converted to floats here so nothing is silently dropped; and MLflow 3's
+``./mlruns`` file store (which now refuses to start) is rejected up front.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+from genattr.tracking.base import RUN_STATUSES
+from genattr.utils.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MAX_PARAM_VALUE_LEN = 6000
+MAX_KEY_LEN = 250
+PARAMS_PER_BATCH = 100  # MLflow's MAX_PARAMS_TAGS_PER_BATCH
+METRICS_PER_BATCH = 1000  # MLflow's MAX_METRICS_PER_BATCH
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def _walk(node: Any, prefix: str, sep: str, out: dict[str, str]) -> None:
+    """Depth-first flattening; empty containers stay visible as ``{}``/``[]``."""
+    if isinstance(node, Mapping):
+        if not node and prefix:
+            out[prefix] = "{}"
+        for key, value in node.items():
+            _walk(value, f"{prefix}{sep}{key}" if prefix else str(key), sep, out)
+    elif isinstance(node, Sequence) and not isinstance(node, str | bytes):
+        if not node and prefix:
+            out[prefix] = "[]"
+        for i, value in enumerate(node):
+            _walk(value, f"{prefix}{sep}{i}" if prefix else str(i), sep, out)
+    else:
+        out[prefix] = "null" if node is None else str(node)
+
+
+def flatten_params(cfg: Mapping[str, Any], sep: str = ".") -> dict[str, str]:
+    """Flatten a config into ``{dotted.key: str}`` within MLflow's param limits.
+
+    Dotted keys keep runs filterable (``model.lora.r = 64``). Over-long keys/values
+    would fail a whole ``log_batch``, so they are truncated with a warning (the full
+    config goes in as an artifact). Pass a plain container, e.g.
+    ``OmegaConf.to_container(cfg, resolve=True)``, so interpolations resolve once.
+    """
+    raw: dict[str, str] = {}
+    _walk(cfg, "", sep, raw)
+    out: dict[str, str] = {}
+    for key, value in raw.items():
+        k, v = key, value
+        if len(k) > MAX_KEY_LEN:
+            log.warning(
+                "param key longer than %d chars truncated: %s...", MAX_KEY_LEN, k[:80]
+            )
+            k = k[:MAX_KEY_LEN]
+        if len(v) > MAX_PARAM_VALUE_LEN:
+            log.warning(
+                "param %r has %d chars; truncated to %d (full value is in the config artifact)",
+                k,
+                len(v),
+                MAX_PARAM_VALUE_LEN,
+            )
+            v = v[:MAX_PARAM_VALUE_LEN]
+        if k in out:
+            log.warning(
+                "param key %r collides after truncation; keeping the first value", k
+            )
+            continue
+        out[k] = v
+    return out
+
+
+def to_float(key: str, value: Any) -> float:
+    """Convert tensors / numpy scalars to ``float``; refuse anything non-numeric loudly.
+
+    Other MLflow integrations drop such values silently (ecosystem pain point 18);
+    strings are refused even when they look numeric, because they signal a bug.
+    """
+    if isinstance(value, str | bytes):
+        raise TypeError(
+            f"metric {key!r} must be numeric, got {type(value).__name__} {value!r}"
+        )
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(
+            f"metric {key!r} must be a numeric scalar, got {type(value).__name__}"
+        ) from exc
+
+
+def _context_tags() -> dict[str, str]:
+    """User/source/git tags that ``mlflow.start_run`` would add but the client API does not."""
+    try:
+        from mlflow.tracking.context.registry import resolve_tags
+
+        return {k: str(v) for k, v in resolve_tags().items()}
+    except Exception as exc:  # noqa: BLE001 - context tags are a nicety, never fatal
+        log.debug("MLflow context tags unavailable: %s", exc)
+        return {}
+
+
+def _sqlite_path(uri: str) -> str | None:
+    """Database path of a ``sqlite:///...`` URI, or ``None`` for in-memory databases."""
+    rest = uri.split("://", 1)[1]
+    rest = rest.split("?", 1)[0]
+    if not rest.startswith("/") or rest in ("/", "/:memory:"):
+        return None
+    return rest[1:]
+
+
+def check_tracking_uri(uri: str) -> str:
+    """Reject backends that break on current MLflow or depend on the working directory.
+
+    The file store (a bare path or ``file:`` URI) raises on MLflow >= 3.13, and a
+    relative sqlite path lands inside whatever directory Hydra chose for the job.
+    """
+    scheme = urlparse(uri).scheme.lower()
+    if uri in ("databricks", "databricks-uc"):
+        return uri
+    if scheme in ("", "file") or len(scheme) == 1:  # one letter: a Windows drive
+        raise ConfigError(
+            f"tracking URI {uri!r} is an MLflow file store, which current MLflow refuses; "
+            "use an absolute sqlite URI such as 'sqlite:////abs/path/mlflow.db' or an http(s) server"
+        )
+    if scheme.startswith("sqlite"):
+        path = _sqlite_path(uri)
+        if path is not None and not path.startswith("/"):
+            raise ConfigError(
+                f"sqlite tracking URI {uri!r} is relative to the working directory; use four "
+                "slashes and an absolute path, e.g. 'sqlite:////abs/path/mlflow.db'"
+            )
+    return uri
+
+
+def _artifact_uri(location: str) -> str:
+    """Turn a local path or ``file:`` URI into an absolute ``file://`` URI; keep remote ones."""
+    parsed = urlparse(location)
+    if parsed.scheme == "file":
+        return Path(parsed.path).resolve().as_uri()
+    if parsed.scheme == "" or len(parsed.scheme) == 1:
+        return Path(location).expanduser().resolve().as_uri()
+    return location
+
+
+class MLflowTracker:
+    """Tracker backed by an ``MlflowClient`` with an explicit URI (see module docstring).
+
+    ``enabled=False`` (non-zero ranks) turns every method into a no-op and touches no
+    database. Nothing is opened until ``start``/``ensure_experiment``, so building the
+    object from config is free. With a sqlite URI and no ``artifact_location``,
+    artifacts go next to the database (``<db dir>/artifacts``) instead of ``./mlruns``.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str = "genattr",
+        artifact_location: str | None = None,
+        enabled: bool = True,
+        log_system_metrics: bool = False,
+    ) -> None:
+        """Validate the URI eagerly so a bad config fails before training starts."""
+        self.tracking_uri = check_tracking_uri(tracking_uri)
+        self.experiment = experiment
+        self.enabled = enabled
+        self.log_system_metrics = log_system_metrics
+        self._db_path = (
+            _sqlite_path(tracking_uri) if tracking_uri.startswith("sqlite") else None
+        )
+        if artifact_location is None and self._db_path is not None:
+            artifact_location = str(Path(self._db_path).parent / "artifacts")
+        self.artifact_location = (
+            _artifact_uri(artifact_location) if artifact_location else None
+        )
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self._client: MlflowClient | None = None
+        self._monitor: Any = None
+
+    @property
+    def client(self) -> MlflowClient:
+        """Client created on first use; creating the sqlite folder first, which MLflow won't."""
+        if self._client is None:
+            if self._db_path is not None:
+                Path(self._db_path).parent.mkdir(parents=True, exist_ok=True)
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    def ensure_experiment(self) -> str | None:
+        """Get or create the experiment once (also callable from a multirun-start hook).
+
+        Parallel jobs may race to create it; the loser re-fetches instead of failing.
+        """
+        if not self.enabled:
+            return None
+        if self.experiment_id is not None:
+            return self.experiment_id
+        exp = self.client.get_experiment_by_name(self.experiment)
+        if exp is None:
+            try:
+                self.experiment_id = self.client.create_experiment(
+                    self.experiment, artifact_location=self.artifact_location
+                )
+                return self.experiment_id
+            except MlflowException:
+                exp = self.client.get_experiment_by_name(self.experiment)
+                if exp is None:
+                    raise
+        if exp.lifecycle_stage == "deleted":
+            raise ConfigError(
+                f"MLflow experiment {self.experiment!r} is deleted; restore it "
+                "(mlflow experiments restore) or pick another tracking.experiment"
+            )
+        if self.artifact_location and exp.artifact_location != self.artifact_location:
+            log.warning(
+                "experiment %r already stores artifacts at %s, not %s",
+                self.experiment,
+                exp.artifact_location,
+                self.artifact_location,
+            )
+        self.experiment_id = exp.experiment_id
+        return self.experiment_id
+
+    def _require_run(self) -> str:
+        """Fail clearly when logging before ``start`` instead of an MLflow 404."""
+        if self.run_id is None:
+            raise RuntimeError("MLflowTracker.start() must be called before logging")
+        return self.run_id
+
+    def start(
+        self,
+        *,
+        run_name: str,
+        tags: Mapping[str, str],
+        params: Mapping[str, Any],
+        run_id: str | None = None,
+        parent_run_id: str | None = None,
+    ) -> str | None:
+        """Create a run or resume ``run_id``; params may be nested (they are flattened)."""
+        if not self.enabled:
+            return None
+        experiment_id = self.ensure_experiment()
+        all_tags = {k: str(v) for k, v in tags.items()}
+        if parent_run_id:
+            all_tags[PARENT_TAG] = parent_run_id
+        flat = flatten_params(params)
+        if run_id is None:
+            tags_with_context = {**_context_tags(), **all_tags}
+            run = self.client.create_run(
+                experiment_id or "0", tags=tags_with_context, run_name=run_name
+            )
+            self.run_id = run.info.run_id
+        else:
+            flat = self._resume(run_id, flat)
+            self._log_batch(tags=[RunTag(k, v) for k, v in all_tags.items()])
+        self._log_batch(params=[Param(k, v) for k, v in flat.items()])
+        if self.log_system_metrics:
+            self._start_system_metrics(resume=run_id is not None)
+        return self.run_id
+
+    def _resume(self, run_id: str, flat: dict[str, str]) -> dict[str, str]:
+        """Reopen ``run_id`` and return only the params it does not have yet.
+
+        MLflow params are immutable: re-logging a key with a new value raises, so
+        existing keys are skipped (with a warning when the value changed).
+        """
+        existing = self.client.get_run(run_id).data.params  # raises if unknown
+        self.run_id = run_id
+        self.client.update_run(run_id, status="RUNNING")
+        for key in [k for k in flat if k in existing and existing[k] != flat[k]]:
+            log.warning(
+                "resumed run keeps param %r=%r; new value %r not logged",
+                key,
+                existing[key],
+                flat[key],
+            )
+        return {k: v for k, v in flat.items() if k not in existing}
+
+    def _log_batch(
+        self, params: Sequence[Param] = (), tags: Sequence[RunTag] = ()
+    ) -> None:
+        """Send params/tags in chunks of 100, MLflow's per-request limit."""
+        run_id = self._require_run()
+        for i in range(0, len(params), PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, params=list(params[i : i + PARAMS_PER_BATCH]))
+        for i in range(0, len(tags), PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, tags=list(tags[i : i + PARAMS_PER_BATCH]))
+
+    def _start_system_metrics(self, resume: bool) -> None:
+        """CPU/GPU/disk sampling thread; a missing optional dependency only warns."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import (
+                SystemMetricsMonitor,
+            )
+
+            self._monitor = SystemMetricsMonitor(
+                self._require_run(),
+                resume_logging=resume,
+                tracking_uri=self.tracking_uri,
+            )
+            self._monitor.start()
+        except (ImportError, TypeError, OSError, MlflowException) as exc:
+            # psutil missing, or an MLflow whose monitor has no tracking_uri argument
+            log.warning("system metrics disabled: %s", exc)
+            self._monitor = None
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Add tags after start (e.g. the SLURM job id known only later)."""
+        if self.enabled:
+            self._log_batch(tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(
+        self, metrics: Mapping[str, float], step: int | None = None
+    ) -> None:
+        """Log metrics at ``step``; values are converted to float, NaN is allowed."""
+        if not self.enabled:
+            return
+        run_id = self._require_run()
+        ts = int(time.time() * 1000)
+        entries = [Metric(k, to_float(k, v), ts, step or 0) for k, v in metrics.items()]
+        for i in range(0, len(entries), METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=entries[i : i + METRICS_PER_BATCH])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a file, or a folder's contents (e.g. ``.hydra/``), under ``artifact_path``."""
+        if not self.enabled:
+            return
+        local = Path(path)
+        if not local.exists():
+            raise FileNotFoundError(f"artifact {local} does not exist")
+        if local.is_dir():
+            self.client.log_artifacts(self._require_run(), str(local), artifact_path)
+        else:
+            self.client.log_artifact(self._require_run(), str(local), artifact_path)
+
+    def log_dict(self, obj: dict[str, Any], artifact_file: str) -> None:
+        """Store ``obj`` as JSON or YAML depending on ``artifact_file``'s extension."""
+        if self.enabled:
+            self.client.log_dict(self._require_run(), obj, artifact_file)
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Stop system metrics and mark the run terminated; safe to call twice."""
+        if status not in RUN_STATUSES:
+            raise ValueError(f"status must be one of {RUN_STATUSES}, got {status!r}")
+        if not self.enabled or self.run_id is None:
+            return
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
+        self.client.set_terminated(self.run_id, status=status)
+
+    def describe(self) -> str:
+        """Where the run is and how to open it, for the job log and the sweep summary."""
+        if not self.enabled:
+            return "MLflow tracking disabled in this process (non-zero rank)"
+        where = (
+            f"MLflow run {self.run_id} in experiment {self.experiment!r} "
+            f"(id {self.experiment_id}) at {self.tracking_uri}"
+        )
+        if urlparse(self.tracking_uri).scheme in ("http", "https"):
+            base = self.tracking_uri.rstrip("/")
+            return f"{where}; open {base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        return f"{where}; view with: mlflow ui --backend-store-uri {self.tracking_uri}"

@@ -1,0 +1,31 @@
+"""Entry point: ``python launch.py [-m] method=... data=... key=value ...``."""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+from omegaconf import DictConfig
+
+from genattr.config import register_resolvers
+from genattr.utils.errors import GenattrError
+
+register_resolvers()
+log = logging.getLogger("genattr")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from genattr.run import run
+
+    try:
+        report = run(cfg)
+    except GenattrError as err:
+        log.debug("error details", exc_info=True)
+        log.error("%s", err)
+        raise SystemExit(1) from None
+    return report.metrics.get("final/aaf")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+"""CDDB loader and its synthetic twin: layout, labels, errors, and a learnable signal."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from genattr.data import images
+from genattr.data.cddb import CDDB_TASKS, SUBCATEGORIES, build_cddb
+from genattr.data.images import ImageListDataset, Sample
+from genattr.data.transforms import test_transform, train_transform
+from genattr.data.twins import cddb as twin_cddb
+from genattr.data.twins.cddb import ensure_cddb_twin
+from genattr.data.twins.pretrain import pretrain_set
+from genattr.utils.errors import ConfigError, DataError
+
+HARD = ["gaugan", "biggan", "wild", "whichfaceisreal", "san"]
+CROP = 32
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One default-size twin shared by the module (generation takes a few seconds)."""
+    path = tmp_path_factory.mktemp("cache")
+    ensure_cddb_twin(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def long(cache: Path):
+    return build_cddb(name="cddb_long", tasks=list(CDDB_TASKS), root=None, crop=CROP, cache_dir=str(cache))
+
+
+def _png(path: Path, width: int = 40, height: int = 40, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture
+def mini_root(tmp_path: Path) -> Path:
+    """A flat two-task real-format CDDB root with 3 images per class and split."""
+    root = tmp_path / "cddb"
+    for task in ("gaugan", "biggan"):
+        for split in ("train", "val"):
+            for cls in ("0_real", "1_fake"):
+                for k in range(3):
+                    _png(root / task / split / cls / f"{k}.png", seed=k)
+    return root
+
+
+def _build(root: Path, **kw):
+    args = {"name": "t", "tasks": ["gaugan", "biggan"], "root": str(root), "crop": CROP}
+    return build_cddb(**(args | kw))
+
+
+def _tree_hashes(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+# --------------------------------------------------------------------------- twin
+
+
+def test_twin_layout(cache: Path) -> None:
+    (root,) = (cache / "cddb_twin").iterdir()
+    assert (root / "twin.json").is_file()
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted(CDDB_TASKS)
+    for task in CDDB_TASKS:
+        for split, n in (("train", 96), ("val", 48)):
+            split_dir = root / task / split
+            subs = SUBCATEGORIES.get(task)
+            if subs is None:
+                assert sorted(p.name for p in split_dir.iterdir()) == ["0_real", "1_fake"]
+                groups = [split_dir]
+            else:
+                assert sorted(p.name for p in split_dir.iterdir()) == sorted(subs)
+                groups = [split_dir / s for s in subs]
+            for cls in ("0_real", "1_fake"):
+                files = [f for g in groups for f in (g / cls).iterdir()]
+                assert len(files) == n
+                assert all(f.suffix == ".png" for f in files)
+    with Image.open(next((root / "san" / "val" / "1_fake").iterdir())) as im:
+        assert im.size == (40, 40) and im.mode == "RGB"
+
+
+def test_twin_is_deterministic_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    kw = {"image_size": 36, "n_train": 4, "n_val": 3, "seed": 5}
+    a = ensure_cddb_twin(tmp_path / "a", **kw)
+    b = ensure_cddb_twin(tmp_path / "b", **kw)
+    assert a.name == b.name
+    assert _tree_hashes(a) == _tree_hashes(b)
+    other = ensure_cddb_twin(tmp_path / "a", **(kw | {"seed": 6}))
+    assert other != a
+    assert _tree_hashes(other) != _tree_hashes(a)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("cache miss: the twin was regenerated")
+
+    monkeypatch.setattr(twin_cddb, "_generate", boom)
+    assert ensure_cddb_twin(tmp_path / "a", **kw) == a
+    assert not [p for p in a.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+def test_hard_scenario_on_twin(cache: Path, caplog: pytest.LogCaptureFixture) -> None:
+    proto = build_cddb(name="cddb_hard", tasks=HARD, root=None, crop=CROP, cache_dir=str(cache))
+    assert "SYNTHETIC" in caplog.text
+    assert proto.source == "twin" and proto.n_classes == 10
+    assert proto.task_names == HARD
+    for i, task in enumerate(proto.tasks):
+        assert task.index == i and task.classes == (2 * i, 2 * i + 1)
+        for ds, n in ((task.train, 96), (task.test, 48)):
+            assert np.array_equal(np.bincount(ds.labels, minlength=10)[2 * i : 2 * i + 2], [n, n])
+            assert set(ds.labels) == {2 * i, 2 * i + 1}
+            assert all(s.task == i for s in ds.samples)
+        assert proto.info["counts"][task.name]["val"] == {"real": 48, "fake": 48}
+    x, y = proto.tasks[4].train[len(proto.tasks[4].train) - 1]
+    assert x.shape == (3, CROP, CROP) and x.dtype == torch.float32 and y == 9
+    xt, _ = proto.tasks[0].test[0]
+    assert -1.0 <= float(xt.min()) < -0.3 and 0.3 < float(xt.max()) <= 1.0
+    assert torch.equal(xt, proto.tasks[0].test[0][0])  # centre crop is deterministic
+
+
+def test_subcategories_merge(cache: Path) -> None:
+    proto = build_cddb(
+        name="mix", tasks=["gaugan", "cyclegan"], root=None, crop=CROP, cache_dir=str(cache)
+    )
+    cyc = proto.tasks[1]
+    assert cyc.classes == (2, 3) and proto.info["subcategories"] == {"gaugan": 0, "cyclegan": 6}
+    for label, cls in ((2, "0_real"), (3, "1_fake")):
+        paths = [Path(s.path) for s in cyc.train.samples if s.label == label]
+        assert len(paths) == 96
+        assert {p.parent.name for p in paths} == {cls}
+        assert {p.parent.parent.name for p in paths} == set(SUBCATEGORIES["cyclegan"])
+
+
+def test_twin_crop_larger_than_image_is_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="image_size"):
+        build_cddb(name="x", tasks=["san"], root=None, crop=224, cache_dir=str(tmp_path))
+
+
+# --------------------------------------------------------------------------- real loader
+
+
+def test_real_root_loads_sorted(mini_root: Path) -> None:
+    proto = _build(mini_root)
+    assert proto.source == "real" and proto.root == mini_root
+    paths = [s.path for s in proto.tasks[1].test.samples]
+    assert paths[:3] == sorted(paths[:3]) and proto.tasks[1].test.labels.tolist() == [2] * 3 + [3] * 3
+    assert proto.info["bad_images"]["total"] == 0
+
+
+def test_too_small_image(mini_root: Path) -> None:
+    bad = _png(mini_root / "biggan" / "train" / "1_fake" / "small.png", width=30, height=20)
+    with pytest.raises(DataError, match="smaller than the 32 crop") as err:
+        _build(mini_root)
+    assert str(bad) in str(err.value) and "30x20" in str(err.value)
+    assert "data.on_bad_image=skip" in str(err.value)
+
+
+def test_unreadable_image_and_skip_policy(mini_root: Path) -> None:
+    garbage = mini_root / "gaugan" / "val" / "0_real" / "garbage.jpg"
+    garbage.write_bytes(b"definitely not a jpeg" * 10)
+    small = _png(mini_root / "gaugan" / "train" / "0_real" / "small.png", width=31)
+    with pytest.raises(DataError, match="could not be read as an image") as err:
+        _build(mini_root)
+    assert str(garbage) in str(err.value)
+
+    proto = _build(mini_root, on_bad_image="skip")
+    bad = proto.info["bad_images"]
+    assert bad["total"] == 2 and bad["counts"] == {"too_small": 1, "unreadable": 1}
+    assert bad["examples"]["unreadable"] == [str(garbage)]
+    kept = {s.path for t in proto.tasks for ds in (t.train, t.test) for s in ds.samples}
+    assert str(garbage) not in kept and str(small) not in kept
+    assert proto.info["counts"]["gaugan"]["val"] == {"real": 3, "fake": 3}
+
+
+def test_truncated_image_fails_on_read(mini_root: Path) -> None:
+    path = mini_root / "gaugan" / "train" / "0_real" / "0.png"
+    path.write_bytes(path.read_bytes()[:200])  # header intact, pixel data cut
+    proto = _build(mini_root)  # the header scan cannot see this
+    ds = proto.tasks[0].train
+    idx = next(i for i, s in enumerate(ds.samples) if s.path == str(path))
+    with pytest.raises(DataError, match="could not be decoded") as err:
+        ds[idx]
+    assert str(path) in str(err.value)
+
+
+def test_missing_split_and_class_folders(mini_root: Path) -> None:
+    for f in (mini_root / "biggan" / "val" / "1_fake").iterdir():
+        f.unlink()
+    (mini_root / "biggan" / "val" / "1_fake").rmdir()
+    with pytest.raises(DataError, match="expected the fake images") as err:
+        _build(mini_root)
+    assert str(mini_root / "biggan" / "val" / "1_fake") in str(err.value)
+
+    for f in (mini_root / "biggan" / "val").rglob("*.png"):
+        f.unlink()
+    for d in (mini_root / "biggan" / "val" / "0_real", mini_root / "biggan" / "val"):
+        d.rmdir()
+    with pytest.raises(DataError, match="split folder") as err:
+        _build(mini_root)
+    assert f"{mini_root / 'biggan' / 'val'} does not exist" in str(err.value)
+
+
+def test_incomplete_subcategory_and_empty_class(mini_root: Path) -> None:
+    sub = mini_root / "biggan" / "train" / "horse"
+    _png(sub / "0_real" / "a.png")
+    for cls in ("0_real", "1_fake"):  # turn train into a sub-category split
+        (mini_root / "biggan" / "train" / cls).rename(mini_root / "biggan" / "train" / f"zz_{cls}")
+    with pytest.raises(DataError, match="1_fake does not exist"):
+        _build(mini_root)
+    (sub / "1_fake").mkdir()
+    with pytest.raises(DataError, match="holds no image files") as err:
+        _build(mini_root)
+    assert str(sub / "1_fake") in str(err.value)
+
+
+def test_root_task_and_policy_errors(tmp_path: Path, mini_root: Path) -> None:
+    with pytest.raises(DataError, match=r"data.root=.*nope does not exist.*data.root=null"):
+        _build(tmp_path / "nope")
+    with pytest.raises(ConfigError, match="valid: gaugan, biggan, cyclegan"):
+        _build(mini_root, tasks=["gaugan", "progan"])
+    with pytest.raises(ConfigError, match="error|skip"):
+        _build(mini_root, on_bad_image="ignore")
+    with pytest.raises(DataError, match="imle does not exist"):
+        _build(mini_root, tasks=["imle"])
+
+
+def test_dataset_api(mini_root: Path) -> None:
+    ds = _build(mini_root).tasks[0].train
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone.samples == ds.samples and clone[0][0].shape == (3, CROP, CROP)
+    sub = ds.subset([5, 0])
+    assert sub.labels.tolist() == [1, 0] and sub.transform is ds.transform
+    raw = ds.with_transform(None)
+    assert raw.samples == ds.samples and raw[0][0].shape == (3, 40, 40)
+    assert ImageListDataset([Sample("x.png", 3, 1)]).labels.dtype == np.int64
+
+
+def test_transforms_crop_without_resizing() -> None:
+    arr = np.zeros((40, 44, 3), np.uint8)
+    arr[4:36, 6:38] = 255  # exactly the centre 32x32 patch
+    out = test_transform(32)(Image.fromarray(arr))
+    assert out.shape == (3, 32, 32) and torch.all(out == 1.0)
+    assert train_transform(32)(Image.fromarray(arr)).shape == (3, 32, 32)
+    with pytest.raises(ValueError):
+        train_transform(32)(Image.fromarray(arr[:30]))
+
+
+def test_bad_policy_in_scan(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="error|skip"):
+        images.scan_image_folder(tmp_path, min_size=1, on_bad_image="warn", stats=images.BadImageStats())
+
+
+# --------------------------------------------------------------------------- learnable signal
+
+
+def _features(ds: ImageListDataset) -> np.ndarray:
+    """Fingerprint-agnostic features: high-pass energy per channel + residual spectrum."""
+    x = torch.stack([ds[i][0] for i in range(len(ds))]).numpy().astype(np.float64)
+    nb = sum(np.roll(x, s, a) for s in (1, -1) for a in (2, 3)) / 4
+    res = x - nb
+    energy = np.log(np.abs(res).mean((2, 3)) + 1e-4)
+    colour = np.concatenate([x.mean((2, 3)), x.std((2, 3))], 1)
+    spec = np.log(np.abs(np.fft.rfft2(res)).mean(1) + 1e-3).reshape(len(x), -1)
+    return np.concatenate([energy, colour, spec], 1)
+
+
+def _ridge(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, lam: float = 100.0) -> np.ndarray:
+    """One-vs-rest regularised least squares; returns predicted labels for ``xte``."""
+    classes = np.unique(ytr)
+    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
+
+    def design(x: np.ndarray) -> np.ndarray:
+        return np.c_[(x - mu) / sd, np.ones(len(x))]
+
+    z = design(xtr)
+    targets = 2.0 * (ytr[:, None] == classes[None]) - 1
+    w = np.linalg.solve(z.T @ z + lam * np.eye(z.shape[1]), z.T @ targets)
+    return classes[np.argmax(design(xte) @ w, 1)]
+
+
+def test_twin_fingerprints_are_learnable_but_not_trivial(long) -> None:
+    """Real/fake per task and fake-vs-fake across generators are learnable from generic
+    features on random training crops, while a single pixel carries no signal."""
+    feats = {t.name: (_features(t.train), _features(t.test)) for t in long.tasks}
+    binary, pixel = {}, {}
+    for t in long.tasks:
+        (ftr, fte), ytr, yte = feats[t.name], t.train.labels, t.test.labels
+        binary[t.name] = float(np.mean(_ridge(ftr, ytr, fte) == yte))
+        centre = t.test.with_transform(test_transform(CROP))
+        px = np.stack([centre[i][0][:, 16, 16].numpy() for i in range(len(centre))])
+        half = len(px) // 4  # fit on a quarter-split of val, score on the rest
+        idx = np.random.default_rng(0).permutation(len(px))
+        pixel[t.name] = float(
+            np.mean(_ridge(px[idx[:half * 2]], yte[idx[:half * 2]], px[idx[half * 2 :]], 1.0) == yte[idx[half * 2 :]])
+        )
+    fake_tr = np.concatenate([feats[t.name][0][t.train.labels % 2 == 1] for t in long.tasks])
+    fake_te = np.concatenate([feats[t.name][1][t.test.labels % 2 == 1] for t in long.tasks])
+    gen_tr = np.repeat(np.arange(12), 96)
+    gen_te = np.repeat(np.arange(12), 48)
+    pred = _ridge(fake_tr, gen_tr, fake_te)
+    per_gen = [float(np.mean(pred[gen_te == g] == g)) for g in range(12)]
+    print("real/fake", binary, "\ncentre pixel", pixel, "\nfake-id", np.mean(pred == gen_te), per_gen)
+
+    assert np.mean(list(binary.values())) > 0.8
+    assert sum(a > 0.7 for a in binary.values()) >= 10
+    assert np.mean(list(pixel.values())) < 0.6
+    assert np.mean(pred == gen_te) > 0.6  # chance is 1/12
+    assert sum(a > 0.5 for a in per_gen) >= 8
+
+
+def test_pretrain_set() -> None:
+    x, y, k = pretrain_set(64, image_size=24, seed=3)
+    assert x.shape == (64, 24, 24, 3) and x.dtype == np.uint8
+    assert y.dtype == np.int64 and k == 16 and set(y.tolist()) == set(range(16))
+    x2, y2, _ = pretrain_set(64, image_size=24, seed=3)
+    assert np.array_equal(x, x2) and np.array_equal(y, y2)
+    assert not np.array_equal(x, pretrain_set(64, image_size=24, seed=4)[0])
