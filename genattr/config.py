@@ -65,10 +65,13 @@ def apply_twin_profile(cfg: DictConfig, explicit: set[str]) -> list[str]:
     if not profile:
         return []
     changes = []
+    # value overrides (a.b=1) always win; of group choices only model=... does: picking a
+    # backbone by hand means "this backbone", while method=replay still wants CPU scale
+    values = {k for k in explicit if "." in k}
     with open_dict(cfg):
         for key, value in _leaves(OmegaConf.to_container(profile, resolve=False)):
             group = key.split(".")[0]
-            if _covered(key, explicit) or (group in ("model",) and group in explicit):
+            if _covered(key, values) or (group == "model" and "model" in explicit):
                 continue
             old = OmegaConf.select(cfg, key, default="<unset>")
             if old != value:

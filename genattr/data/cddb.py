@@ -65,7 +65,9 @@ def _subcategory_dirs(split_dir: Path) -> list[Path]:
     if (split_dir / CLASS_DIRS[0]).is_dir():
         groups = [split_dir]
     else:
-        groups = sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        groups = sorted(
+            p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
         if not groups:
             raise DataError(
                 f"{split_dir} holds neither {CLASS_DIRS[0]}/ nor sub-category folders; "
@@ -82,7 +84,12 @@ def _subcategory_dirs(split_dir: Path) -> list[Path]:
 
 
 def _load_split(
-    split_dir: Path, *, task_index: int, crop: int, on_bad_image: str, stats: BadImageStats
+    split_dir: Path,
+    *,
+    task_index: int,
+    crop: int,
+    on_bad_image: str,
+    stats: BadImageStats,
 ) -> tuple[list[Sample], dict[str, int], int]:
     """Samples of one task split (real then fake, each sorted by path), counts, #sub-categories."""
     groups = _subcategory_dirs(split_dir)
@@ -106,13 +113,19 @@ def _check_tasks(tasks: Sequence[str]) -> list[str]:
     tasks = [str(t) for t in tasks]
     unknown = [t for t in tasks if t not in CDDB_TASKS]
     if unknown:
-        raise ConfigError(f"unknown CDDB task(s) {unknown} in data.tasks; valid: {', '.join(CDDB_TASKS)}")
+        raise ConfigError(
+            f"unknown CDDB task(s) {unknown} in data.tasks; valid: {', '.join(CDDB_TASKS)}"
+        )
     if not tasks or len(set(tasks)) != len(tasks):
-        raise ConfigError(f"data.tasks must list each CDDB task at most once and not be empty, got {tasks}")
+        raise ConfigError(
+            f"data.tasks must list each CDDB task at most once and not be empty, got {tasks}"
+        )
     return tasks
 
 
-def _twin_root(cache_dir: str | None, twin: Mapping[str, Any] | None, crop: int) -> Path:
+def _twin_root(
+    cache_dir: str | None, twin: Mapping[str, Any] | None, crop: int
+) -> Path:
     """Generate (or reuse) the synthetic twin; lazy import keeps real runs free of it."""
     from genattr.data.twins.cddb import ensure_cddb_twin
 
@@ -124,8 +137,12 @@ def _twin_root(cache_dir: str | None, twin: Mapping[str, Any] | None, crop: int)
             "set data.twin.image_size >= data.crop (the twin is cropped like CDDB, never resized)"
         )
     if cache_dir is None:
-        cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "genattr")
-        log.warning("data.cache_dir is not set; caching the CDDB twin under %s", cache_dir)
+        cache_dir = os.path.join(
+            os.environ.get("XDG_CACHE_HOME", "~/.cache"), "genattr"
+        )
+        log.warning(
+            "data.cache_dir is not set; caching the CDDB twin under %s", cache_dir
+        )
     return ensure_cddb_twin(cache_dir, **kwargs)
 
 
@@ -178,10 +195,17 @@ def build_cddb(
             )
         sets: dict[str, ImageListDataset] = {}
         counts[task] = {}
-        for role, transform in (("train", train_transform(crop)), ("test", test_transform(crop))):
+        for role, transform in (
+            ("train", train_transform(crop)),
+            ("test", test_transform(crop)),
+        ):
             folder = split_dirs[role]
             samples, counts[task][folder], n_sub[task] = _load_split(
-                task_dir / folder, task_index=i, crop=crop, on_bad_image=on_bad_image, stats=stats
+                task_dir / folder,
+                task_index=i,
+                crop=crop,
+                on_bad_image=on_bad_image,
+                stats=stats,
             )
             sets[role] = ImageListDataset(samples, transform)
         log.info(
@@ -191,7 +215,11 @@ def build_cddb(
         task_objs.append(Task(i, task, (2 * i, 2 * i + 1), sets["train"], sets["test"]))
 
     if stats.total:
-        log.warning("skipped %d bad images (data.on_bad_image=skip): %s", stats.total, stats.counts)
+        log.warning(
+            "skipped %d bad images (data.on_bad_image=skip): %s",
+            stats.total,
+            stats.counts,
+        )
     info: dict[str, Any] = {
         "counts": counts,
         "subcategories": n_sub,

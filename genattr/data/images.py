@@ -112,9 +112,13 @@ def scan_image_folder(
     check_bad_image_policy(on_bad_image)
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(f"{folder} does not exist or is not a folder; expected a folder of images")
+        raise DataError(
+            f"{folder} does not exist or is not a folder; expected a folder of images"
+        )
     candidates = sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
     )
     if not candidates:
         raise DataError(
@@ -178,14 +182,18 @@ class ImageListDataset(Dataset):
         sample = self.samples[index]
         image = load_rgb(sample.path)
         if self.transform is None:
-            return F.to_dtype(F.pil_to_tensor(image), torch.float32, scale=True), sample.label
+            return F.to_dtype(
+                F.pil_to_tensor(image), torch.float32, scale=True
+            ), sample.label
         return self.transform(image), sample.label
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> ImageListDataset:
         """Same transform over the chosen samples (used for exemplar memories)."""
         return ImageListDataset([self.samples[int(i)] for i in indices], self.transform)
 
-    def with_transform(self, transform: Callable[[Any], Any] | None) -> ImageListDataset:
+    def with_transform(
+        self, transform: Callable[[Any], Any] | None
+    ) -> ImageListDataset:
         """Same samples, other transform (e.g. herding on test-style crops)."""
         return ImageListDataset(self.samples, transform)
 

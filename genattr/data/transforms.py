@@ -15,7 +15,11 @@ _HALF = [0.5, 0.5, 0.5]
 
 def _to_normalised_tensor() -> list[v2.Transform]:
     """PIL -> float tensor in [0, 1] -> [-1, 1] per channel (ToTensor + Normalize(0.5, 0.5))."""
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(_HALF, _HALF)]
+    return [
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(_HALF, _HALF),
+    ]
 
 
 def train_transform(crop: int) -> v2.Compose:

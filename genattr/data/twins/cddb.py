@@ -68,10 +68,14 @@ def _write_class(
         if fake:
             batch = TRACES[task].apply(batch, rng, strength)
         for k, image in enumerate(_to_uint8(batch), start):
-            Image.fromarray(image).save(folder / f"{task}_{k:05d}.png", compress_level=1)
+            Image.fromarray(image).save(
+                folder / f"{task}_{k:05d}.png", compress_level=1
+            )
 
 
-def _generate(out: Path, *, tasks: Sequence[str], splits: dict[str, int], **render_kw: Any) -> dict:
+def _generate(
+    out: Path, *, tasks: Sequence[str], splits: dict[str, int], **render_kw: Any
+) -> dict:
     """Write every task into ``out`` and return the per-class counts for the manifest."""
     counts: dict[str, dict] = {}
     for task in tasks:
@@ -83,7 +87,13 @@ def _generate(out: Path, *, tasks: Sequence[str], splits: dict[str, int], **rend
                 for fake in (False, True):
                     cls = "1_fake" if fake else "0_real"
                     _write_class(
-                        base / cls, task=task, sub=sub, split=split, fake=fake, n=n_sub, **render_kw
+                        base / cls,
+                        task=task,
+                        sub=sub,
+                        split=split,
+                        fake=fake,
+                        n=n_sub,
+                        **render_kw,
                     )
             counts[task][split] = {"0_real": n, "1_fake": n}
     return counts
@@ -110,10 +120,18 @@ def ensure_cddb_twin(
     tasks = [str(t) for t in tasks]
     unknown = sorted(set(tasks) - set(CDDB_TASKS))
     if unknown:
-        raise ConfigError(f"unknown CDDB twin task(s) {unknown}; valid: {', '.join(CDDB_TASKS)}")
+        raise ConfigError(
+            f"unknown CDDB twin task(s) {unknown}; valid: {', '.join(CDDB_TASKS)}"
+        )
     if min(image_size, n_train, n_val) < 1:
         raise ConfigError(
             f"data.twin needs positive image_size/n_train/n_val, got {image_size}/{n_train}/{n_val}"
+        )
+    most_subs = max(len(SUBCATEGORIES.get(t, [""])) for t in tasks)
+    if min(n_train, n_val) < most_subs:
+        raise ConfigError(
+            f"data.twin n_train={n_train} / n_val={n_val} must be >= {most_subs}, so that every "
+            "CDDB sub-category folder of the twin gets at least one image per class"
         )
     params = {
         "image_size": int(image_size),
@@ -124,7 +142,9 @@ def ensure_cddb_twin(
         "strength": float(strength),
         "generator_version": GENERATOR_VERSION,
     }
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[
+        :12
+    ]
     base = Path(cache_dir).expanduser() / "cddb_twin"
     final = base / digest
     if (final / MANIFEST).is_file():
@@ -156,7 +176,9 @@ def ensure_cddb_twin(
         try:
             os.rename(tmp, final)
         except OSError:
-            if not (final / MANIFEST).is_file():  # not a concurrent winner: a real failure
+            if not (
+                final / MANIFEST
+            ).is_file():  # not a concurrent winner: a real failure
                 raise
             shutil.rmtree(tmp)
     except BaseException:

@@ -69,7 +69,9 @@ def gaussian_blur(a: np.ndarray, sigma: float) -> np.ndarray:
         pad[axis] = (radius, radius)
         padded = np.pad(a, pad, mode="reflect")
         size = a.shape[axis]
-        a = sum(w * padded.take(np.arange(k, k + size), axis) for k, w in enumerate(taps))
+        a = sum(
+            w * padded.take(np.arange(k, k + size), axis) for k, w in enumerate(taps)
+        )
     return a
 
 
@@ -124,7 +126,12 @@ def domain_style(*names: str) -> Style:
 
 
 def _shape_alpha(
-    kind: str, dx: np.ndarray, dy: np.ndarray, r: np.ndarray, aspect: np.ndarray, edge: np.ndarray
+    kind: str,
+    dx: np.ndarray,
+    dy: np.ndarray,
+    r: np.ndarray,
+    aspect: np.ndarray,
+    edge: np.ndarray,
 ) -> np.ndarray:
     """Soft coverage in [0, 1] of one shape kind; distances are in pixels."""
     if kind == "rect":
@@ -158,7 +165,9 @@ def render(rng: np.random.Generator, n: int, size: int, style: Style) -> np.ndar
     # Background: a linear gradient between two palette colours.
     cols = pal[rng.integers(len(pal), size=(n, 2))]
     theta = rng.uniform(0, 2 * np.pi, n)
-    proj = _per_image(np.cos(theta)) * (xx - size / 2) + _per_image(np.sin(theta)) * (yy - size / 2)
+    proj = _per_image(np.cos(theta)) * (xx - size / 2) + _per_image(np.sin(theta)) * (
+        yy - size / 2
+    )
     img = np.repeat(cols[:, None, None, 0], size, 1).repeat(size, 2)
     img = _blend(img, cols[:, 1], np.clip(proj / size + 0.5, 0, 1))
 
@@ -171,7 +180,9 @@ def render(rng: np.random.Generator, n: int, size: int, style: Style) -> np.ndar
     period = np.maximum(rng.uniform(*style.stripe_period, n) * size, 3.0)
     phi = rng.uniform(0, 2 * np.pi, n)
     wave = _per_image(np.cos(phi) / period) * xx + _per_image(np.sin(phi) / period) * yy
-    stripes = 0.5 + 0.5 * np.sin(2 * np.pi * wave + _per_image(rng.uniform(0, 2 * np.pi, n)))
+    stripes = 0.5 + 0.5 * np.sin(
+        2 * np.pi * wave + _per_image(rng.uniform(0, 2 * np.pi, n))
+    )
     on = (rng.uniform(size=n) < style.stripe_prob) * rng.uniform(0.3, 0.7, n)
     img = _blend(img, pal[rng.integers(len(pal), size=n)], stripes * _per_image(on))
 
@@ -187,9 +198,17 @@ def render(rng: np.random.Generator, n: int, size: int, style: Style) -> np.ndar
         dx, dy = xx - _per_image(cx), yy - _per_image(cy)
         alpha = np.zeros((n, size, size), np.float32)
         for k in style.shape_kinds:
-            alpha = np.where((kind == k)[:, None, None], _shape_alpha(k, dx, dy, r, aspect, edge), alpha)
+            alpha = np.where(
+                (kind == k)[:, None, None],
+                _shape_alpha(k, dx, dy, r, aspect, edge),
+                alpha,
+            )
         alpha *= _per_image((j < n_shapes) * rng.uniform(0.6, 1.0, n))
-        img = _blend(img, pal[rng.integers(len(pal), size=n)] + rng.normal(0, 0.04, (n, 3)), alpha)
+        img = _blend(
+            img,
+            pal[rng.integers(len(pal), size=n)] + rng.normal(0, 0.04, (n, 3)),
+            alpha,
+        )
 
     # Sensor-like grain, so that every image carries some high-frequency energy.
     sigma = _per_image(rng.uniform(*style.grain, n))[..., None]

@@ -75,7 +75,9 @@ def resample(x: np.ndarray, *, factor: int, mode: str) -> np.ndarray:
     n, h, w, c = x.shape
     hp, wp = -(-h // factor) * factor, -(-w // factor) * factor
     padded = np.pad(x, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)), mode="edge")
-    small = padded.reshape(n, hp // factor, factor, wp // factor, factor, c).mean((2, 4))
+    small = padded.reshape(n, hp // factor, factor, wp // factor, factor, c).mean(
+        (2, 4)
+    )
     if mode == "nearest":
         big = small.repeat(factor, 1).repeat(factor, 2)
     else:
@@ -111,9 +113,14 @@ class Fingerprint:
     name: str
     description: str
     ops: tuple[Op, ...]
+    gain: float = (
+        1.0  # > 1 exaggerates filter-type traces (blur, resampling) beyond the filter
+    )
     jitter: float = 0.25
 
-    def apply(self, x: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
+    def apply(
+        self, x: np.ndarray, rng: np.random.Generator, strength: float = 1.0
+    ) -> np.ndarray:
         """Fingerprint a float batch ``(n, H, W, 3)``; returns float32, unclipped.
 
         ``strength`` scales every trace at once (1.0 = the calibrated default).
@@ -121,12 +128,13 @@ class Fingerprint:
         y = x
         for op in self.ops:
             y = op(y)
-        scale = rng.uniform(1 - self.jitter, 1 + self.jitter, (len(x), 1, 1, 1)) * strength
+        jitter = rng.uniform(1 - self.jitter, 1 + self.jitter, (len(x), 1, 1, 1))
+        scale = jitter * self.gain * strength
         return (x + (y - x) * scale).astype(np.float32)
 
 
-def _fp(name: str, description: str, *ops: Op) -> Fingerprint:
-    return Fingerprint(name, description, tuple(ops))
+def _fp(name: str, description: str, *ops: Op, gain: float = 1.0) -> Fingerprint:
+    return Fingerprint(name, description, tuple(ops), gain=gain)
 
 
 P = partial
@@ -136,73 +144,75 @@ TRACES: dict[str, Fingerprint] = {
         _fp(
             "gaugan",
             "period-2 checkerboard, warm",
-            P(checkerboard, period=2, amp=0.035, colour=(1.0, 0.55, 0.2)),
+            P(checkerboard, period=2, amp=0.05, colour=(1.0, 0.55, 0.2)),
         ),
         _fp(
             "biggan",
             "period-4 checkerboard, cool, shifted phase; slight green gain",
-            P(checkerboard, period=4, amp=0.05, colour=(0.3, 0.6, 1.0), phase=(1, 0)),
-            P(colour_stats, gain=(0.99, 1.02, 1.0)),
+            P(checkerboard, period=4, amp=0.08, colour=(0.3, 0.6, 1.0), phase=(1, 0)),
+            P(colour_stats, gain=(0.985, 1.03, 1.0)),
         ),
         _fp(
             "cyclegan",
             "horizontal grating 0.25 cyc/px + period-2 row lines",
-            P(grating, freq=0.25, angle=0.0, amp=0.03, colour=(0.6, 1.0, 0.4)),
-            P(checkerboard, period=2, amp=0.015, colour=(1, 1, 1), axes="y"),
+            P(grating, freq=0.25, angle=0.0, amp=0.045, colour=(0.6, 1.0, 0.4)),
+            P(checkerboard, period=2, amp=0.025, colour=(1, 1, 1), axes="y"),
         ),
         _fp(
             "imle",
             "bilinear x2 up-sampling + mild blur",
             P(resample, factor=2, mode="linear"),
             P(blur, sigma=0.5),
+            gain=1.5,
         ),
         _fp(
             "deepfake",
             "nearest x2 up-sampling (blocky) + warm colour shift",
             P(resample, factor=2, mode="nearest"),
             P(colour_stats, gain=(1.03, 1.0, 0.97), offset=(0.01, 0.0, -0.005)),
+            gain=1.5,
         ),
         _fp(
             "crn",
             "blur + diagonal grating 0.18 cyc/px",
-            P(blur, sigma=0.7),
-            P(grating, freq=0.18, angle=45.0, amp=0.03, colour=(1.0, 1.0, 1.0)),
+            P(blur, sigma=0.8),
+            P(grating, freq=0.18, angle=45.0, amp=0.045, colour=(1.0, 1.0, 1.0)),
         ),
         _fp(
             "wild",
             "8x8 fixed-pattern noise (compression-like blocks)",
-            P(tile_noise, tile=fixed_tile("wild", 8), amp=0.025),
+            P(tile_noise, tile=fixed_tile("wild", 8), amp=0.035),
         ),
         _fp(
             "glow",
             "desaturation + blue gain + 3x3 fixed-pattern noise",
-            P(colour_stats, saturation=0.85, gain=(0.98, 1.0, 1.04)),
-            P(tile_noise, tile=fixed_tile("glow", 3), amp=0.02),
+            P(colour_stats, saturation=0.8, gain=(0.97, 1.0, 1.05)),
+            P(tile_noise, tile=fixed_tile("glow", 3), amp=0.03),
         ),
         _fp(
             "stargan_gf",
             "period-2 column lines + vertical grating 0.33 cyc/px",
-            P(checkerboard, period=2, amp=0.03, colour=(0.8, 0.8, 1.0), axes="x"),
-            P(grating, freq=1 / 3, angle=90.0, amp=0.02, colour=(1.0, 0.5, 0.5)),
+            P(checkerboard, period=2, amp=0.045, colour=(0.8, 0.8, 1.0), axes="x"),
+            P(grating, freq=1 / 3, angle=90.0, amp=0.03, colour=(1.0, 0.5, 0.5)),
         ),
         _fp(
             "stylegan",
             "two gratings 0.33 cyc/px at 30 and 120 degrees",
-            P(grating, freq=0.33, angle=30.0, amp=0.025, colour=(1.0, 0.8, 0.6)),
-            P(grating, freq=0.33, angle=120.0, amp=0.025, colour=(0.6, 0.8, 1.0)),
+            P(grating, freq=0.33, angle=30.0, amp=0.035, colour=(1.0, 0.8, 0.6)),
+            P(grating, freq=0.33, angle=120.0, amp=0.035, colour=(0.6, 0.8, 1.0)),
         ),
         _fp(
             "whichfaceisreal",
             "grating 0.42 cyc/px at 60 degrees + saturation boost + weak period-4 checkerboard",
-            P(grating, freq=0.42, angle=60.0, amp=0.025, colour=(1.0, 1.0, 1.0)),
-            P(colour_stats, saturation=1.12),
-            P(checkerboard, period=4, amp=0.02, colour=(1.0, 0.3, 0.8), phase=(0, 2)),
+            P(grating, freq=0.42, angle=60.0, amp=0.045, colour=(1.0, 1.0, 1.0)),
+            P(colour_stats, saturation=1.15),
+            P(checkerboard, period=4, amp=0.035, colour=(1.0, 0.3, 0.8), phase=(0, 2)),
         ),
         _fp(
             "san",
             "bilinear x4 super-resolution trace + 5x5 fixed-pattern noise",
             P(resample, factor=4, mode="linear"),
-            P(tile_noise, tile=fixed_tile("san", 5), amp=0.025),
+            P(tile_noise, tile=fixed_tile("san", 5), amp=0.035),
         ),
     )
 }

@@ -20,7 +20,6 @@ from genattr.data.twins.fingerprints import (
     Op,
     blur,
     checkerboard,
-    colour_stats,
     grating,
     resample,
     tile_noise,
@@ -33,7 +32,9 @@ def _colour(rng: np.random.Generator) -> np.ndarray:
     return rng.uniform(0.2, 1.0, 3)
 
 
-def _white_noise(x: np.ndarray, *, sigma: float, rng: np.random.Generator) -> np.ndarray:
+def _white_noise(
+    x: np.ndarray, *, sigma: float, rng: np.random.Generator
+) -> np.ndarray:
     return x + sigma * rng.normal(size=x.shape)
 
 
@@ -55,7 +56,7 @@ def _checker(rng: np.random.Generator, periods: list[int], axes: str = "xy") -> 
     return partial(
         checkerboard,
         period=period,
-        amp=rng.uniform(0.02, 0.05),
+        amp=rng.uniform(0.03, 0.07),
         colour=_colour(rng),
         phase=(int(rng.integers(period)), int(rng.integers(period))),
         axes=axes,
@@ -71,23 +72,48 @@ def _grating(rng: np.random.Generator, lo: float, hi: float) -> Op:
         grating,
         freq=rng.uniform(lo, hi),
         angle=rng.uniform(0, 180),
-        amp=rng.uniform(0.02, 0.04),
+        amp=rng.uniform(0.03, 0.06),
         colour=_colour(rng),
     )
 
 
-def _gain(rng: np.random.Generator) -> Op:
-    return partial(colour_stats, gain=1 + rng.normal(0, 0.04, 3), offset=rng.normal(0, 0.015, 3))
+def _channel_shift(
+    x: np.ndarray, *, channel: int, shift: tuple[int, int]
+) -> np.ndarray:
+    """Chromatic-aberration-like misalignment of one colour channel by a pixel."""
+    y = x.copy()
+    y[..., channel] = np.roll(x[..., channel], shift, axis=(1, 2))
+    return y
 
 
-def _saturation(rng: np.random.Generator) -> Op:
-    low = rng.uniform() < 0.5
-    return partial(colour_stats, saturation=rng.uniform(0.7, 0.88) if low else rng.uniform(1.12, 1.3))
+def _channel_noise(
+    x: np.ndarray, *, channel: int, sigma: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Noise in one colour channel only: a local colour statistic a CNN can see."""
+    y = x.copy()
+    y[..., channel] += sigma * rng.normal(size=x.shape[:3])
+    return y
+
+
+def _shifted_channel(rng: np.random.Generator) -> Op:
+    shift = [(0, 1), (1, 0), (0, -1), (-1, 0), (1, 1)][int(rng.integers(5))]
+    return partial(_channel_shift, channel=int(rng.integers(3)), shift=shift)
+
+
+def _noisy_channel(rng: np.random.Generator) -> Op:
+    return partial(
+        _channel_noise,
+        channel=int(rng.integers(3)),
+        sigma=rng.uniform(0.03, 0.06),
+        rng=rng,
+    )
 
 
 def _tile(rng: np.random.Generator) -> Op:
     size = int(rng.integers(3, 10))
-    return partial(tile_noise, tile=rng.normal(size=(size, size, 3)), amp=rng.uniform(0.015, 0.035))
+    return partial(
+        tile_noise, tile=rng.normal(size=(size, size, 3)), amp=rng.uniform(0.02, 0.045)
+    )
 
 
 def _upsample(rng: np.random.Generator, factors: list[int], mode: str) -> Op:
@@ -102,22 +128,29 @@ FAMILIES: dict[str, Callable[[np.random.Generator], Op]] = {
     "line_pattern": _lines,
     "grating_low": partial(_grating, lo=0.06, hi=0.16),
     "grating_high": partial(_grating, lo=0.2, hi=0.48),
-    "channel_gain": _gain,
-    "saturation": _saturation,
+    "channel_shift": _shifted_channel,
+    "channel_noise": _noisy_channel,
     "blur": lambda rng: partial(blur, sigma=rng.uniform(0.5, 1.2)),
     "upsample_nearest": partial(_upsample, factors=[2, 3], mode="nearest"),
     "upsample_linear": partial(_upsample, factors=[2, 3, 4], mode="linear"),
     "fixed_pattern_noise": _tile,
-    "white_noise": lambda rng: partial(_white_noise, sigma=rng.uniform(0.02, 0.04), rng=rng),
+    "white_noise": lambda rng: partial(
+        _white_noise, sigma=rng.uniform(0.025, 0.05), rng=rng
+    ),
     "blocking": lambda rng: partial(
-        _block_offsets, block=int(rng.choice([4, 8])), amp=rng.uniform(0.01, 0.025), rng=rng
+        _block_offsets,
+        block=int(rng.choice([4, 8])),
+        amp=rng.uniform(0.015, 0.035),
+        rng=rng,
     ),
     "sharpen": lambda rng: partial(_sharpen, strength=rng.uniform(0.4, 0.9)),
 }
 CLASS_NAMES: tuple[str, ...] = ("clean", *FAMILIES)
 
 
-def pretrain_set(n: int, *, image_size: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
+def pretrain_set(
+    n: int, *, image_size: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, int]:
     """``n`` images (uint8 ``N x H x W x 3``), balanced int64 labels, and the class count.
 
     Content style is redrawn for every chunk of images so the backbone sees many

@@ -1,0 +1,52 @@
+# genattr -- `make help` lists the targets. Every target installs what it needs first.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+export OMP_NUM_THREADS ?= 1
+export HF_HUB_OFFLINE ?= 1
+export MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING ?= false
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-full lint format bench mlflow-ui sweep-local cfg clean
+
+help: ## Show this help
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+install: $(VENV)/.installed ## Create .venv and install genattr with its dev tools (PyPI wheels)
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $@
+
+demo: install ## LoRAX on the CDDB-hard twin: accuracy matrix, AA/AAF/BWT, MLflow run (CPU, ~3 min)
+	$(PY) launch.py $(ARGS)
+
+test: install ## Run the test suite (CPU; slurm/gpu tests skip themselves)
+	$(PY) -m pytest -q $(ARGS) || [ $$? -eq 5 ]
+
+lint: install ## ruff lint + format check
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: install ## ruff autofix + format
+	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
+
+bench: install ## LoRAX throughput benchmark -> bench_results/lorax.json (ARGS=--tasks 5 ...)
+	$(PY) -m genattr.bench lorax $(ARGS)
+
+mlflow-ui: install ## MLflow UI on http://127.0.0.1:5000 over the local store (mlflow.db)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
+		--default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port 5000 --workers 1
+
+sweep-local: install ## A small parallel sweep through submitit_local (lorax vs replay, 2 seeds, twin)
+	$(PY) launch.py -m method=lorax,replay seed=0,1 hydra/launcher=local $(ARGS)
+
+cfg: install ## Print the composed config and defaults tree (ARGS="method=der data=cddb_long")
+	$(PY) launch.py $(ARGS) --cfg job --resolve
+	$(PY) launch.py $(ARGS) --info defaults-tree
+
+clean: ## Remove caches, run outputs and the local MLflow store (keeps .venv)
+	rm -rf .cache logs mlflow.db mlartifacts bench_results .pytest_cache .ruff_cache
+	find multirun -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
+	find . -name __pycache__ -not -path "./$(VENV)/*" -exec rm -rf {} +
