@@ -89,9 +89,14 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Report:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     source = "twin" if cfg.data.get("root") is None else "real"
     tags = {
-        "method": str(cfg.method.name), "data": str(cfg.data.name), "data_source": source,
-        "seed": str(cfg.seed), "task_name": str(cfg.task_name), "output_dir": str(out),
-        "overrides": " ".join(overrides)[:5000], **git_info(cfg.paths.root_dir),
+        "method": str(cfg.method.name),
+        "data": str(cfg.data.name),
+        "data_source": source,
+        "seed": str(cfg.seed),
+        "task_name": str(cfg.task_name),
+        "output_dir": str(out),
+        "overrides": " ".join(overrides)[:5000],
+        **git_info(cfg.paths.root_dir),
     } | {f"tag.{t}": "true" for t in cfg.get("tags") or []}
     run_id = found[1].get("mlflow_run_id") if found else None
     tracker.start(run_name=f"{cfg.task_name}-s{cfg.seed}", tags=tags, params=flatten_params(resolved), run_id=run_id)
@@ -103,8 +108,12 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Report:
             if twin_changes:
                 tracker.log_dict({"applied": twin_changes}, "config/twin_profile.json")
         ctx = RunContext(
-            accelerator=accelerator, tracker=tracker, output_dir=out, checkpoints=checkpoints,
-            seed=int(cfg.seed), stop_after_task=cfg.get("stop_after_task"),
+            accelerator=accelerator,
+            tracker=tracker,
+            output_dir=out,
+            checkpoints=checkpoints,
+            seed=int(cfg.seed),
+            stop_after_task=cfg.get("stop_after_task"),
             config_fingerprint=config_fingerprint(cfg),
         )
         protocol = build(cfg.data)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -103,9 +104,7 @@ def test_twin_layout(cache: Path) -> None:
         assert im.size == (40, 40) and im.mode == "RGB"
 
 
-def test_twin_is_deterministic_and_cached(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_twin_is_deterministic_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     kw = {"image_size": 36, "n_train": 7, "n_val": 6, "seed": 5}
     a = ensure_cddb_twin(tmp_path / "a", **kw)
     b = ensure_cddb_twin(tmp_path / "b", **kw)
@@ -120,24 +119,18 @@ def test_twin_is_deterministic_and_cached(
 
     monkeypatch.setattr(twin_cddb, "_generate", boom)
     assert ensure_cddb_twin(tmp_path / "a", **kw) == a
-    assert not [
-        p for p in a.parent.iterdir() if p.name.startswith(".")
-    ]  # no temp dirs left
+    assert not [p for p in a.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
 
 def test_hard_scenario_on_twin(cache: Path, caplog: pytest.LogCaptureFixture) -> None:
-    proto = build_cddb(
-        name="cddb_hard", tasks=HARD, root=None, crop=CROP, cache_dir=str(cache)
-    )
+    proto = build_cddb(name="cddb_hard", tasks=HARD, root=None, crop=CROP, cache_dir=str(cache))
     assert "SYNTHETIC" in caplog.text
     assert proto.source == "twin" and proto.n_classes == 10
     assert proto.task_names == HARD
     for i, task in enumerate(proto.tasks):
         assert task.index == i and task.classes == (2 * i, 2 * i + 1)
         for ds, n in ((task.train, 96), (task.test, 48)):
-            assert np.array_equal(
-                np.bincount(ds.labels, minlength=10)[2 * i : 2 * i + 2], [n, n]
-            )
+            assert np.array_equal(np.bincount(ds.labels, minlength=10)[2 * i : 2 * i + 2], [n, n])
             assert set(ds.labels) == {2 * i, 2 * i + 1}
             assert all(s.task == i for s in ds.samples)
         assert proto.info["counts"][task.name]["val"] == {"real": 48, "fake": 48}
@@ -170,9 +163,7 @@ def test_subcategories_merge(cache: Path) -> None:
 
 def test_twin_crop_larger_than_image_is_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="image_size"):
-        build_cddb(
-            name="x", tasks=["san"], root=None, crop=224, cache_dir=str(tmp_path)
-        )
+        build_cddb(name="x", tasks=["san"], root=None, crop=224, cache_dir=str(tmp_path))
 
 
 # --------------------------------------------------------------------------- real loader
@@ -182,17 +173,12 @@ def test_real_root_loads_sorted(mini_root: Path) -> None:
     proto = _build(mini_root)
     assert proto.source == "real" and proto.root == mini_root
     paths = [s.path for s in proto.tasks[1].test.samples]
-    assert (
-        paths[:3] == sorted(paths[:3])
-        and proto.tasks[1].test.labels.tolist() == [2] * 3 + [3] * 3
-    )
+    assert paths[:3] == sorted(paths[:3]) and proto.tasks[1].test.labels.tolist() == [2] * 3 + [3] * 3
     assert proto.info["bad_images"]["total"] == 0
 
 
 def test_too_small_image(mini_root: Path) -> None:
-    bad = _png(
-        mini_root / "biggan" / "train" / "1_fake" / "small.png", width=30, height=20
-    )
+    bad = _png(mini_root / "biggan" / "train" / "1_fake" / "small.png", width=30, height=20)
     with pytest.raises(DataError, match="smaller than the 32 crop") as err:
         _build(mini_root)
     assert str(bad) in str(err.value) and "30x20" in str(err.value)
@@ -202,10 +188,10 @@ def test_too_small_image(mini_root: Path) -> None:
 def test_unreadable_image_and_skip_policy(mini_root: Path) -> None:
     garbage = mini_root / "gaugan" / "val" / "0_real" / "garbage.jpg"
     garbage.write_bytes(b"definitely not a jpeg" * 10)
-    small = _png(mini_root / "gaugan" / "train" / "0_real" / "small.png", width=31)
     with pytest.raises(DataError, match="could not be read as an image") as err:
         _build(mini_root)
     assert str(garbage) in str(err.value)
+    small = _png(mini_root / "gaugan" / "train" / "0_real" / "small.png", width=31)
 
     proto = _build(mini_root, on_bad_image="skip")
     bad = proto.info["bad_images"]
@@ -248,9 +234,7 @@ def test_incomplete_subcategory_and_empty_class(mini_root: Path) -> None:
     sub = mini_root / "biggan" / "train" / "horse"
     _png(sub / "0_real" / "a.png")
     for cls in ("0_real", "1_fake"):  # turn train into a sub-category split
-        (mini_root / "biggan" / "train" / cls).rename(
-            mini_root / "biggan" / "train" / f"zz_{cls}"
-        )
+        shutil.rmtree(mini_root / "biggan" / "train" / cls)
     with pytest.raises(DataError, match="1_fake does not exist"):
         _build(mini_root)
     (sub / "1_fake").mkdir()
@@ -260,9 +244,7 @@ def test_incomplete_subcategory_and_empty_class(mini_root: Path) -> None:
 
 
 def test_root_task_and_policy_errors(tmp_path: Path, mini_root: Path) -> None:
-    with pytest.raises(
-        DataError, match=r"data.root=.*nope does not exist.*data.root=null"
-    ):
+    with pytest.raises(DataError, match=r"data.root=.*nope does not exist.*data.root=null"):
         _build(tmp_path / "nope")
     with pytest.raises(ConfigError, match="valid: gaugan, biggan, cyclegan"):
         _build(mini_root, tasks=["gaugan", "progan"])
@@ -295,16 +277,14 @@ def test_transforms_crop_without_resizing() -> None:
 
 def test_bad_policy_in_scan(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="error|skip"):
-        images.scan_image_folder(
-            tmp_path, min_size=1, on_bad_image="warn", stats=images.BadImageStats()
-        )
+        images.scan_image_folder(tmp_path, min_size=1, on_bad_image="warn", stats=images.BadImageStats())
 
 
 # --------------------------------------------------------------------------- learnable signal
 
 
 def _features(ds: ImageListDataset) -> np.ndarray:
-    """Fingerprint-agnostic features: high-pass energy per channel + residual spectrum."""
+    """Generic features: high-pass energy per channel + residual spectrum."""
     x = torch.stack([ds[i][0] for i in range(len(ds))]).numpy().astype(np.float64)
     nb = sum(np.roll(x, s, a) for s in (1, -1) for a in (2, 3)) / 4
     res = x - nb
@@ -314,9 +294,7 @@ def _features(ds: ImageListDataset) -> np.ndarray:
     return np.concatenate([energy, colour, spec], 1)
 
 
-def _ridge(
-    xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, lam: float = 100.0
-) -> np.ndarray:
+def _ridge(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, lam: float = 100.0) -> np.ndarray:
     """One-vs-rest regularised least squares; returns predicted labels for ``xte``."""
     classes = np.unique(ytr)
     mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
@@ -339,43 +317,32 @@ def test_twin_fingerprints_are_learnable_but_not_trivial(long, cache: Path) -> N
     """Real/fake per task and fake-vs-fake across generators are learnable from generic
     features on random training crops; a single pixel, or a twin without fingerprints
     (strength 0), carries no signal - so the separation comes from the fingerprints."""
+    torch.manual_seed(0)  # random training crops
     feats = {t.name: (_features(t.train), _features(t.test)) for t in long.tasks}
     binary = {
-        t.name: float(
-            np.mean(
-                _ridge(*feats[t.name][:1], t.train.labels, feats[t.name][1])
-                == t.test.labels
-            )
-        )
+        t.name: float(np.mean(_ridge(feats[t.name][0], t.train.labels, feats[t.name][1]) == t.test.labels))
         for t in long.tasks
     }
     pixel = {}
     for t in long.tasks:
         tr, te = (ds.with_transform(test_transform(CROP)) for ds in (t.train, t.test))
-        px_tr, px_te = (
-            np.stack([ds[i][0][:, 16, 16].numpy() for i in range(len(ds))])
-            for ds in (tr, te)
-        )
-        pixel[t.name] = float(
-            np.mean(_ridge(px_tr, tr.labels, px_te, 1.0) == te.labels)
-        )
-    fake_tr = np.concatenate(
-        [feats[t.name][0][t.train.labels % 2 == 1] for t in long.tasks]
-    )
-    fake_te = np.concatenate(
-        [feats[t.name][1][t.test.labels % 2 == 1] for t in long.tasks]
-    )
+        px_tr, px_te = (np.stack([ds[i][0][:, 16, 16].numpy() for i in range(len(ds))]) for ds in (tr, te))
+        pixel[t.name] = float(np.mean(_ridge(px_tr, tr.labels, px_te, 1.0) == te.labels))
+    fake_tr = np.concatenate([feats[t.name][0][t.train.labels % 2 == 1] for t in long.tasks])
+    fake_te = np.concatenate([feats[t.name][1][t.test.labels % 2 == 1] for t in long.tasks])
     gen_te = np.repeat(np.arange(12), 48)
     pred = _ridge(fake_tr, np.repeat(np.arange(12), 96), fake_te)
     per_gen = [float(np.mean(pred[gen_te == g] == g)) for g in range(12)]
     blank = build_cddb(
-        name="control", tasks=HARD[:3], root=None, crop=CROP, cache_dir=str(cache),
+        name="control",
+        tasks=HARD[:3],
+        root=None,
+        crop=CROP,
+        cache_dir=str(cache),
         twin={"tasks": HARD[:3], "strength": 0.0},
-    )  # fmt: skip
-    control = [_binary_accuracy(t) for t in blank.tasks]
-    print(
-        f"real/fake {binary}\ncentre pixel {pixel}\nfake-id {np.mean(pred == gen_te)} {per_gen}"
     )
+    control = [_binary_accuracy(t) for t in blank.tasks]
+    print(f"real/fake {binary}\ncentre pixel {pixel}\nfake-id {np.mean(pred == gen_te)} {per_gen}")
     print(f"strength-0 control {control}")
 
     assert np.mean(list(binary.values())) > 0.85

@@ -83,8 +83,9 @@ def test_herding_picks_the_sample_closest_to_the_mean_first_and_is_deterministic
 
 def _three_task_net(reference_grad: bool) -> LoRAXNet:
     torch.manual_seed(0)
-    net = LoRAXNet(_tiny(img_size=32, patch_size=8, embed_dim=24, depth=4, local_up_to_layer=3), LORA,
-                   "gpsa_qk_v", reference_grad)
+    net = LoRAXNet(
+        _tiny(img_size=32, patch_size=8, embed_dim=24, depth=4, local_up_to_layer=3), LORA, "gpsa_qk_v", reference_grad
+    )
     for t in range(3):
         net.begin_task(t, 2, aux_head=True)
         with torch.no_grad():  # give every adapter non-zero B so old adapters matter

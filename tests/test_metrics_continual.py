@@ -62,9 +62,7 @@ def test_summarize_returns_python_types() -> None:
     s = summarize(R_FORGET)
     assert set(s) == {"aa", "aaf", "bwt", "forgetting", "stage_avg"}
     assert all(type(s[k]) is float for k in ("aa", "aaf", "bwt", "forgetting"))
-    assert isinstance(s["stage_avg"], list) and all(
-        type(v) is float for v in s["stage_avg"]
-    )
+    assert isinstance(s["stage_avg"], list) and all(type(v) is float for v in s["stage_avg"])
 
 
 def test_single_task() -> None:
@@ -146,15 +144,9 @@ def test_per_task_accuracy_by_hand() -> None:
     target = np.array([0, 0, 1, 1, 2, 3, 4, 5])
     tasks = target // 2
     # task 0: T T T F ; task 1: T T ; task 2: F T
-    np.testing.assert_allclose(
-        per_task_accuracy(pred, target, tasks, 3), [75.0, 100.0, 50.0]
-    )
-    np.testing.assert_allclose(
-        per_task_accuracy(pred, target, tasks, 3, rule="binary"), [100.0, 100.0, 50.0]
-    )
-    np.testing.assert_allclose(
-        per_task_accuracy(pred, target, tasks, 3, rule="exact"), [50.0, 100.0, 50.0]
-    )
+    np.testing.assert_allclose(per_task_accuracy(pred, target, tasks, 3), [75.0, 100.0, 50.0])
+    np.testing.assert_allclose(per_task_accuracy(pred, target, tasks, 3, rule="binary"), [100.0, 100.0, 50.0])
+    np.testing.assert_allclose(per_task_accuracy(pred, target, tasks, 3, rule="exact"), [50.0, 100.0, 50.0])
 
 
 def test_per_task_accuracy_errors() -> None:

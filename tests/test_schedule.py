@@ -59,9 +59,7 @@ def test_incremental_tasks() -> None:
 
 def test_step_before_epoch_variant() -> None:
     lr = partial(task0, step_after_epoch=False)
-    assert [lr(e) for e in range(5)] == pytest.approx(
-        [1e-4, 8.125e-5, 6.25e-5, 4.375e-5, 2.5e-5], rel=1e-12
-    )
+    assert [lr(e) for e in range(5)] == pytest.approx([1e-4, 8.125e-5, 6.25e-5, 4.375e-5, 2.5e-5], rel=1e-12)
     assert lr(5) == pytest.approx(6.341769e-6, rel=1e-6)
     assert all(lr(e + 1) == task0(e + 2) for e in range(EPOCHS - 1))
 
@@ -127,7 +125,5 @@ def test_matches_timm(base_lr: float, warmup_epochs: int) -> None:
     # The original loop: train epoch e with the current LR, then scheduler.step(e).
     opt, sched = make()
     for e in range(EPOCHS):
-        assert opt.param_groups[0]["lr"] == pytest.approx(
-            epoch_lr(e, base_lr=base_lr, **kw), rel=1e-12
-        )
+        assert opt.param_groups[0]["lr"] == pytest.approx(epoch_lr(e, base_lr=base_lr, **kw), rel=1e-12)
         sched.step(e)

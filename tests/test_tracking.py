@@ -60,10 +60,7 @@ def test_run_lifecycle(paths: tuple[str, Path]) -> None:
     art.write_text("matrix")
     tr.log_artifact(art, artifact_path="metrics")
     tr.log_dict({"a": 1}, "config/config.yaml")
-    assert (
-        run_id in tr.describe()
-        and "mlflow ui --backend-store-uri sqlite:///" in tr.describe()
-    )
+    assert run_id in tr.describe() and "mlflow ui --backend-store-uri sqlite:///" in tr.describe()
     tr.end()
 
     client = MlflowClient(tracking_uri=paths[0])
@@ -79,15 +76,11 @@ def test_run_lifecycle(paths: tuple[str, Path]) -> None:
     assert math.isnan(client.get_metric_history(run_id, "nan")[0].value)
     exp = client.get_experiment(run.info.experiment_id)
     assert exp.artifact_location == paths[1].resolve().as_uri()
-    assert (
-        paths[1] / run_id / "artifacts" / "metrics" / "R.txt"
-    ).read_text() == "matrix"
+    assert (paths[1] / run_id / "artifacts" / "metrics" / "R.txt").read_text() == "matrix"
     assert (paths[1] / run_id / "artifacts" / "config" / "config.yaml").exists()
 
 
-def test_resume_same_run(
-    paths: tuple[str, Path], caplog: pytest.LogCaptureFixture
-) -> None:
+def test_resume_same_run(paths: tuple[str, Path], caplog: pytest.LogCaptureFixture) -> None:
     first = make(paths, experiment="resume")
     run_id = first.start(run_name="r", tags={}, params=CFG)
     first.log_metrics({"m": 1.0}, step=0)
@@ -95,12 +88,7 @@ def test_resume_same_run(
 
     second = make(paths, experiment="resume")
     changed = {**CFG, "seed": 1, "extra": "new"}
-    assert (
-        second.start(
-            run_name="r", tags={"requeued": "1"}, params=changed, run_id=run_id
-        )
-        == run_id
-    )
+    assert second.start(run_name="r", tags={"requeued": "1"}, params=changed, run_id=run_id) == run_id
     second.log_metrics({"m": 2.0}, step=1)
     second.end()
 
@@ -111,9 +99,7 @@ def test_resume_same_run(
     assert run.data.params["extra"] == "new"  # new keys still logged
     assert run.data.tags["requeued"] == "1"
     assert [m.value for m in client.get_metric_history(run_id, "m")] == [1.0, 2.0]
-    assert any(
-        "seed" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
-    )
+    assert any("seed" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 

@@ -14,8 +14,13 @@ import torch
 
 
 def device_info(device: torch.device) -> dict[str, Any]:
-    info = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "python": platform.python_version(), "machine": platform.machine()}
+    info = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info

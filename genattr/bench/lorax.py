@@ -83,7 +83,7 @@ def _measure(args: argparse.Namespace, device: torch.device, amp: torch.dtype | 
             if mode == "default":
                 net.eval()
 
-                def infer() -> None:
+                def infer(net: LoRAXNet = net) -> None:
                     ctx = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
                     with torch.no_grad(), ctx:
                         net(x)
@@ -108,8 +108,13 @@ def main(args: argparse.Namespace) -> int:
     args.img_size = args.img_size or (224 if device.type == "cuda" else 112)
     args.batch = args.batch or (32 if device.type == "cuda" else 8)
     result: dict[str, Any] = {
-        "benchmark": "lorax", "model": args.model, "img_size": args.img_size, "batch": args.batch,
-        "lora": LORA, "targets": "gpsa_qk_v", **device_info(device),
+        "benchmark": "lorax",
+        "model": args.model,
+        "img_size": args.img_size,
+        "batch": args.batch,
+        "lora": LORA,
+        "targets": "gpsa_qk_v",
+        **device_info(device),
         "fp32": _measure(args, device, None),
     }
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -120,6 +125,8 @@ def main(args: argparse.Namespace) -> int:
         "goal": ">= 2x at T = 5",
     }
     path = write_json(result, args.out)
-    print(f"wrote {path}: train speed-up at T={last['tasks']} = {last['speedup_train']:.2f}x "
-          f"({last['train_img_s_default']:.1f} vs {last['train_img_s_reference_grad']:.1f} img/s)")
+    print(
+        f"wrote {path}: train speed-up at T={last['tasks']} = {last['speedup_train']:.2f}x "
+        f"({last['train_img_s_default']:.1f} vs {last['train_img_s_reference_grad']:.1f} img/s)"
+    )
     return 0

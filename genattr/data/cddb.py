@@ -65,9 +65,7 @@ def _subcategory_dirs(split_dir: Path) -> list[Path]:
     if (split_dir / CLASS_DIRS[0]).is_dir():
         groups = [split_dir]
     else:
-        groups = sorted(
-            p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
-        )
+        groups = sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not groups:
             raise DataError(
                 f"{split_dir} holds neither {CLASS_DIRS[0]}/ nor sub-category folders; "
@@ -91,7 +89,7 @@ def _load_split(
     on_bad_image: str,
     stats: BadImageStats,
 ) -> tuple[list[Sample], dict[str, int], int]:
-    """Samples of one task split (real then fake, each sorted by path), counts, #sub-categories."""
+    """One task split: samples (real then fake, sorted), counts, #sub-categories."""
     groups = _subcategory_dirs(split_dir)
     samples: list[Sample] = []
     counts: dict[str, int] = {}
@@ -99,9 +97,7 @@ def _load_split(
         paths = [
             p
             for group in groups
-            for p in scan_image_folder(
-                group / cls, min_size=crop, on_bad_image=on_bad_image, stats=stats
-            )
+            for p in scan_image_folder(group / cls, min_size=crop, on_bad_image=on_bad_image, stats=stats)
         ]
         label = 2 * task_index + offset
         samples += [Sample(str(p), label, task_index) for p in sorted(paths)]
@@ -113,19 +109,13 @@ def _check_tasks(tasks: Sequence[str]) -> list[str]:
     tasks = [str(t) for t in tasks]
     unknown = [t for t in tasks if t not in CDDB_TASKS]
     if unknown:
-        raise ConfigError(
-            f"unknown CDDB task(s) {unknown} in data.tasks; valid: {', '.join(CDDB_TASKS)}"
-        )
+        raise ConfigError(f"unknown CDDB task(s) {unknown} in data.tasks; valid: {', '.join(CDDB_TASKS)}")
     if not tasks or len(set(tasks)) != len(tasks):
-        raise ConfigError(
-            f"data.tasks must list each CDDB task at most once and not be empty, got {tasks}"
-        )
+        raise ConfigError(f"data.tasks must list each CDDB task at most once and not be empty, got {tasks}")
     return tasks
 
 
-def _twin_root(
-    cache_dir: str | None, twin: Mapping[str, Any] | None, crop: int
-) -> Path:
+def _twin_root(cache_dir: str | None, twin: Mapping[str, Any] | None, crop: int) -> Path:
     """Generate (or reuse) the synthetic twin; lazy import keeps real runs free of it."""
     from genattr.data.twins.cddb import ensure_cddb_twin
 
@@ -134,15 +124,12 @@ def _twin_root(
     if image_size < crop:
         raise ConfigError(
             f"data.crop={crop} is larger than the twin's image_size={image_size}; "
-            "set data.twin.image_size >= data.crop (the twin is cropped like CDDB, never resized)"
+            "set data.twin.image_size >= data.crop (the twin is cropped like CDDB, "
+            "never resized)"
         )
     if cache_dir is None:
-        cache_dir = os.path.join(
-            os.environ.get("XDG_CACHE_HOME", "~/.cache"), "genattr"
-        )
-        log.warning(
-            "data.cache_dir is not set; caching the CDDB twin under %s", cache_dir
-        )
+        cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "genattr")
+        log.warning("data.cache_dir is not set; caching the CDDB twin under %s", cache_dir)
     return ensure_cddb_twin(cache_dir, **kwargs)
 
 
@@ -210,8 +197,13 @@ def build_cddb(
             sets[role] = ImageListDataset(samples, transform)
         log.info(
             "CDDB task %d %s (classes %d/%d, %d sub-categories): %s",
-            i, task, 2 * i, 2 * i + 1, n_sub[task], counts[task],
-        )  # fmt: skip
+            i,
+            task,
+            2 * i,
+            2 * i + 1,
+            n_sub[task],
+            counts[task],
+        )
         task_objs.append(Task(i, task, (2 * i, 2 * i + 1), sets["train"], sets["test"]))
 
     if stats.total:
@@ -228,8 +220,11 @@ def build_cddb(
         "splits": split_dirs,
         "on_bad_image": on_bad_image,
     }
-    if source == "twin":
-        info["twin"] = {str(k): v for k, v in (twin or {}).items()}
+    if source == "twin":  # plain types, so the tracker can log it like any param
+        info["twin"] = {
+            str(k): list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v
+            for k, v in (twin or {}).items()
+        }
     return ContinualProtocol(
         name=name,
         tasks=task_objs,

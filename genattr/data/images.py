@@ -76,8 +76,7 @@ def check_bad_image_policy(on_bad_image: str) -> None:
     """Reject a misspelt policy before any folder is scanned."""
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise ConfigError(
-            f"data.on_bad_image={on_bad_image!r} is not a policy; "
-            f"use one of {'|'.join(BAD_IMAGE_POLICIES)}"
+            f"data.on_bad_image={on_bad_image!r} is not a policy; use one of {'|'.join(BAD_IMAGE_POLICIES)}"
         )
 
 
@@ -101,9 +100,7 @@ def _header_problem(path: Path, min_size: int) -> tuple[str, str] | None:
     return None
 
 
-def scan_image_folder(
-    folder: Path, *, min_size: int, on_bad_image: str, stats: BadImageStats
-) -> list[Path]:
+def scan_image_folder(folder: Path, *, min_size: int, on_bad_image: str, stats: BadImageStats) -> list[Path]:
     """List the usable images directly inside ``folder``, sorted by name.
 
     Only headers are read (``Image.open(..).size``), which is what makes scanning a
@@ -112,14 +109,8 @@ def scan_image_folder(
     check_bad_image_policy(on_bad_image)
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(
-            f"{folder} does not exist or is not a folder; expected a folder of images"
-        )
-    candidates = sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    )
+        raise DataError(f"{folder} does not exist or is not a folder; expected a folder of images")
+    candidates = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not candidates:
         raise DataError(
             f"{folder} holds no image files; expected images with one of the suffixes "
@@ -166,14 +157,10 @@ class ImageListDataset(Dataset):
     Without a transform an item is a float CHW tensor in [0, 1].
     """
 
-    def __init__(
-        self, samples: Sequence[Sample], transform: Callable[[Any], Any] | None = None
-    ) -> None:
+    def __init__(self, samples: Sequence[Sample], transform: Callable[[Any], Any] | None = None) -> None:
         self.samples: list[Sample] = list(samples)
         self.transform = transform
-        self.labels: np.ndarray = np.fromiter(
-            (s.label for s in self.samples), dtype=np.int64, count=len(self.samples)
-        )
+        self.labels: np.ndarray = np.fromiter((s.label for s in self.samples), dtype=np.int64, count=len(self.samples))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -182,18 +169,14 @@ class ImageListDataset(Dataset):
         sample = self.samples[index]
         image = load_rgb(sample.path)
         if self.transform is None:
-            return F.to_dtype(
-                F.pil_to_tensor(image), torch.float32, scale=True
-            ), sample.label
+            return F.to_dtype(F.pil_to_tensor(image), torch.float32, scale=True), sample.label
         return self.transform(image), sample.label
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> ImageListDataset:
         """Same transform over the chosen samples (used for exemplar memories)."""
         return ImageListDataset([self.samples[int(i)] for i in indices], self.transform)
 
-    def with_transform(
-        self, transform: Callable[[Any], Any] | None
-    ) -> ImageListDataset:
+    def with_transform(self, transform: Callable[[Any], Any] | None) -> ImageListDataset:
         """Same samples, other transform (e.g. herding on test-style crops)."""
         return ImageListDataset(self.samples, transform)
 

@@ -14,7 +14,7 @@ _HALF = [0.5, 0.5, 0.5]
 
 
 def _to_normalised_tensor() -> list[v2.Transform]:
-    """PIL -> float tensor in [0, 1] -> [-1, 1] per channel (ToTensor + Normalize(0.5, 0.5))."""
+    """PIL -> float in [0, 1] -> [-1, 1] per channel (ToTensor + Normalize(0.5, 0.5))."""
     return [
         v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),
@@ -28,7 +28,7 @@ def train_transform(crop: int) -> v2.Compose:
 
 
 def test_transform(crop: int) -> v2.Compose:
-    """Central ``crop`` x ``crop`` patch, the deterministic counterpart of ``train_transform``."""
+    """Central ``crop`` x ``crop`` patch: the deterministic ``train_transform``."""
     return v2.Compose([v2.CenterCrop(crop), *_to_normalised_tensor()])
 
 

@@ -25,6 +25,4 @@ def make_accelerator(trainer: Mapping[str, Any]) -> Accelerator:
             "trainer.mixed_precision=fp16 needs a CUDA GPU and none is in use; "
             "set trainer.mixed_precision=no (or bf16) to run on CPU."
         )
-    return Accelerator(
-        cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=int(trainer.get("grad_accum", 1))
-    )
+    return Accelerator(cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=int(trainer.get("grad_accum", 1)))

@@ -29,8 +29,11 @@ def export_torch_distributed_env() -> dict[str, str]:
 
     env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     exported = {
-        "RANK": str(env.rank), "WORLD_SIZE": str(env.world_size), "LOCAL_RANK": str(env.local_rank),
-        "MASTER_ADDR": env.master_addr, "MASTER_PORT": str(env.master_port),
+        "RANK": str(env.rank),
+        "WORLD_SIZE": str(env.world_size),
+        "LOCAL_RANK": str(env.local_rank),
+        "MASTER_ADDR": env.master_addr,
+        "MASTER_PORT": str(env.master_port),
     }
     log.info("exported torch.distributed env from SLURM: %s", exported)
     return exported

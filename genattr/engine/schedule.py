@@ -22,9 +22,7 @@ class _HasParamGroups(Protocol):
     param_groups: list[dict[str, Any]]
 
 
-def linear_scaled_lr(
-    base_lr: float, batch_size: int, world_size: int, reference: int = 512
-) -> float:
+def linear_scaled_lr(base_lr: float, batch_size: int, world_size: int, reference: int = 512) -> float:
     """Goyal et al. linear scaling as in ``main_lorax.py``: ``base * batch * world / reference``.
 
     Keeping the global batch and this scaling together is what makes the paper's
@@ -53,9 +51,7 @@ def cosine_lr(
     if t < 0:
         raise ValueError(f"t must be >= 0, got {t}")
     if epochs < 1 or warmup_epochs < 0:
-        raise ValueError(
-            f"need epochs >= 1 and warmup_epochs >= 0, got {epochs}, {warmup_epochs}"
-        )
+        raise ValueError(f"need epochs >= 1 and warmup_epochs >= 0, got {epochs}, {warmup_epochs}")
     if t < warmup_epochs:
         return warmup_lr + t * (base_lr - warmup_lr) / warmup_epochs
     if t >= epochs:

@@ -25,9 +25,7 @@ def _as_int_pair(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.n
     p = np.asarray(pred)
     y = np.asarray(target)
     if p.shape != y.shape or p.ndim != 1:
-        raise ValueError(
-            f"pred and target must be 1-D of equal length, got {p.shape} and {y.shape}"
-        )
+        raise ValueError(f"pred and target must be 1-D of equal length, got {p.shape} and {y.shape}")
     ints = np.issubdtype(p.dtype, np.integer) and np.issubdtype(y.dtype, np.integer)
     if not ints and (np.any(p != np.round(p)) or np.any(y != np.round(y))):
         raise ValueError("pred and target must hold integer class indices")
@@ -60,9 +58,7 @@ def _correct(pred: np.ndarray, target: np.ndarray, rule: Rule) -> np.ndarray:
     if rule == "exact":
         p, y = _as_int_pair(pred, target)
         return p == y
-    raise ValueError(
-        f"unknown accuracy rule {rule!r}; use 'multi_real', 'binary' or 'exact'"
-    )
+    raise ValueError(f"unknown accuracy rule {rule!r}; use 'multi_real', 'binary' or 'exact'")
 
 
 def per_task_accuracy(
@@ -81,16 +77,12 @@ def per_task_accuracy(
     correct = _correct(pred, target, rule)
     tids = np.asarray(task_ids)
     if tids.shape != correct.shape:
-        raise ValueError(
-            f"task_ids shape {tids.shape} does not match pred shape {correct.shape}"
-        )
+        raise ValueError(f"task_ids shape {tids.shape} does not match pred shape {correct.shape}")
     if n_tasks < 1:
         raise ValueError(f"n_tasks must be >= 1, got {n_tasks}")
     tids = tids.astype(np.int64)
     if tids.size and (tids.min() < 0 or tids.max() >= n_tasks):
-        raise ValueError(
-            f"task_ids must lie in [0, {n_tasks}), got [{tids.min()}, {tids.max()}]"
-        )
+        raise ValueError(f"task_ids must lie in [0, {n_tasks}), got [{tids.min()}, {tids.max()}]")
     counts = np.bincount(tids, minlength=n_tasks)
     empty = np.flatnonzero(counts == 0)
     if empty.size:
@@ -112,9 +104,7 @@ def build_accuracy_matrix(stage_accuracies: Sequence[Sequence[float]]) -> np.nda
     r = np.zeros((n, n), dtype=np.float64)
     for j, accs in enumerate(stage_accuracies):
         if len(accs) != j + 1:
-            raise ValueError(
-                f"stage {j} must report {j + 1} task accuracies, got {len(accs)}"
-            )
+            raise ValueError(f"stage {j} must report {j + 1} task accuracies, got {len(accs)}")
         r[: j + 1, j] = np.asarray(accs, dtype=np.float64)
     return r
 
@@ -123,13 +113,9 @@ def _check_matrix(r: np.ndarray) -> np.ndarray:
     """Reject malformed matrices early: a transposed or ragged R gives plausible garbage."""
     m = np.asarray(r, dtype=np.float64)
     if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] == 0:
-        raise ValueError(
-            f"accuracy matrix must be square T x T with T >= 1, got shape {m.shape}"
-        )
+        raise ValueError(f"accuracy matrix must be square T x T with T >= 1, got shape {m.shape}")
     if not np.all(np.isfinite(np.triu(m))):
-        raise ValueError(
-            "accuracy matrix has non-finite entries on or above the diagonal"
-        )
+        raise ValueError("accuracy matrix has non-finite entries on or above the diagonal")
     return m
 
 

@@ -49,8 +49,14 @@ def ensure_twin_backbone(
     from genattr.data.twins.pretrain import pretrain_set
 
     recipe = dict(
-        name=name, extra=dict(extra), steps=steps, batch_size=batch_size, lr=lr,
-        n_images=n_images, seed=seed, version=RECIPE_VERSION,
+        name=name,
+        extra=dict(extra),
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        n_images=n_images,
+        seed=seed,
+        version=RECIPE_VERSION,
     )
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:12]
     out = cache_dir / "twin_backbones" / f"{name}-{key}.safetensors"

@@ -35,9 +35,7 @@ class Tracker(Protocol):
         """
         ...
 
-    def log_metrics(
-        self, metrics: Mapping[str, float], step: int | None = None
-    ) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log numeric metrics at ``step`` (the task index for per-task metrics)."""
         ...
 
@@ -78,9 +76,7 @@ class NullTracker:
         self.run_id = run_id
         return run_id
 
-    def log_metrics(
-        self, metrics: Mapping[str, float], step: int | None = None
-    ) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Discard metrics."""
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:

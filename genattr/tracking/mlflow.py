@@ -62,9 +62,7 @@ def flatten_params(cfg: Mapping[str, Any], sep: str = ".") -> dict[str, str]:
     for key, value in raw.items():
         k, v = key, value
         if len(k) > MAX_KEY_LEN:
-            log.warning(
-                "param key longer than %d chars truncated: %s...", MAX_KEY_LEN, k[:80]
-            )
+            log.warning("param key longer than %d chars truncated: %s...", MAX_KEY_LEN, k[:80])
             k = k[:MAX_KEY_LEN]
         if len(v) > MAX_PARAM_VALUE_LEN:
             log.warning(
@@ -75,9 +73,7 @@ def flatten_params(cfg: Mapping[str, Any], sep: str = ".") -> dict[str, str]:
             )
             v = v[:MAX_PARAM_VALUE_LEN]
         if k in out:
-            log.warning(
-                "param key %r collides after truncation; keeping the first value", k
-            )
+            log.warning("param key %r collides after truncation; keeping the first value", k)
             continue
         out[k] = v
     return out
@@ -90,15 +86,11 @@ def to_float(key: str, value: Any) -> float:
     strings are refused even when they look numeric, because they signal a bug.
     """
     if isinstance(value, str | bytes):
-        raise TypeError(
-            f"metric {key!r} must be numeric, got {type(value).__name__} {value!r}"
-        )
+        raise TypeError(f"metric {key!r} must be numeric, got {type(value).__name__} {value!r}")
     try:
         return float(value)
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise TypeError(
-            f"metric {key!r} must be a numeric scalar, got {type(value).__name__}"
-        ) from exc
+        raise TypeError(f"metric {key!r} must be a numeric scalar, got {type(value).__name__}") from exc
 
 
 def _context_tags() -> dict[str, str]:
@@ -177,14 +169,10 @@ class MLflowTracker:
         self.experiment = experiment
         self.enabled = enabled
         self.log_system_metrics = log_system_metrics
-        self._db_path = (
-            _sqlite_path(tracking_uri) if tracking_uri.startswith("sqlite") else None
-        )
+        self._db_path = _sqlite_path(tracking_uri) if tracking_uri.startswith("sqlite") else None
         if artifact_location is None and self._db_path is not None:
             artifact_location = str(Path(self._db_path).parent / "artifacts")
-        self.artifact_location = (
-            _artifact_uri(artifact_location) if artifact_location else None
-        )
+        self.artifact_location = _artifact_uri(artifact_location) if artifact_location else None
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self._client: MlflowClient | None = None
@@ -259,9 +247,7 @@ class MLflowTracker:
         flat = flatten_params(params)
         if run_id is None:
             tags_with_context = {**_context_tags(), **all_tags}
-            run = self.client.create_run(
-                experiment_id or "0", tags=tags_with_context, run_name=run_name
-            )
+            run = self.client.create_run(experiment_id or "0", tags=tags_with_context, run_name=run_name)
             self.run_id = run.info.run_id
         else:
             flat = self._resume(run_id, flat)
@@ -289,9 +275,7 @@ class MLflowTracker:
             )
         return {k: v for k, v in flat.items() if k not in existing}
 
-    def _log_batch(
-        self, params: Sequence[Param] = (), tags: Sequence[RunTag] = ()
-    ) -> None:
+    def _log_batch(self, params: Sequence[Param] = (), tags: Sequence[RunTag] = ()) -> None:
         """Send params/tags in chunks of 100, MLflow's per-request limit."""
         run_id = self._require_run()
         for i in range(0, len(params), PARAMS_PER_BATCH):
@@ -322,9 +306,7 @@ class MLflowTracker:
         if self.enabled:
             self._log_batch(tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def log_metrics(
-        self, metrics: Mapping[str, float], step: int | None = None
-    ) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log metrics at ``step``; values are converted to float, NaN is allowed."""
         if not self.enabled:
             return

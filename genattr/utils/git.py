@@ -8,9 +8,7 @@ from pathlib import Path
 
 def git_info(root: str | Path) -> dict[str, str]:
     def _git(*args: str) -> str:
-        out = subprocess.run(
-            ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=False
-        )
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=False)
         return out.stdout.strip() if out.returncode == 0 else ""
 
     sha = _git("rev-parse", "HEAD") or "unknown"

@@ -32,7 +32,7 @@ from genattr.utils.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MANIFEST = "twin.json"
 _CHUNK = 64  # images rendered per numpy batch; bounds memory at large image sizes
 
@@ -68,14 +68,10 @@ def _write_class(
         if fake:
             batch = TRACES[task].apply(batch, rng, strength)
         for k, image in enumerate(_to_uint8(batch), start):
-            Image.fromarray(image).save(
-                folder / f"{task}_{k:05d}.png", compress_level=1
-            )
+            Image.fromarray(image).save(folder / f"{task}_{k:05d}.png", compress_level=1)
 
 
-def _generate(
-    out: Path, *, tasks: Sequence[str], splits: dict[str, int], **render_kw: Any
-) -> dict:
+def _generate(out: Path, *, tasks: Sequence[str], splits: dict[str, int], **render_kw: Any) -> dict:
     """Write every task into ``out`` and return the per-class counts for the manifest."""
     counts: dict[str, dict] = {}
     for task in tasks:
@@ -112,26 +108,22 @@ def ensure_cddb_twin(
     """Return the twin folder for these parameters, generating it once if needed.
 
     ``n_train`` / ``n_val`` are per class (real and fake each) per task; ``strength``
-    scales every fingerprint (1.0 = calibrated default, 0 = fakes look like reals,
-    a negative control). Generation
-    happens in a temporary sibling folder that is renamed into place, so a crash or a
-    concurrent run never leaves a half-written twin behind the cache key.
+    scales every fingerprint (1.0 = calibrated default, 0 = fakes drawn like reals, a
+    negative control). Generation happens in a temporary sibling folder that is
+    renamed into place, so a crash or a concurrent run never leaves a half-written
+    twin behind the cache key.
     """
     tasks = [str(t) for t in tasks]
     unknown = sorted(set(tasks) - set(CDDB_TASKS))
     if unknown:
-        raise ConfigError(
-            f"unknown CDDB twin task(s) {unknown}; valid: {', '.join(CDDB_TASKS)}"
-        )
+        raise ConfigError(f"unknown CDDB twin task(s) {unknown}; valid: {', '.join(CDDB_TASKS)}")
     if min(image_size, n_train, n_val) < 1:
-        raise ConfigError(
-            f"data.twin needs positive image_size/n_train/n_val, got {image_size}/{n_train}/{n_val}"
-        )
+        raise ConfigError(f"data.twin needs positive image_size/n_train/n_val, got {image_size}/{n_train}/{n_val}")
     most_subs = max(len(SUBCATEGORIES.get(t, [""])) for t in tasks)
     if min(n_train, n_val) < most_subs:
         raise ConfigError(
-            f"data.twin n_train={n_train} / n_val={n_val} must be >= {most_subs}, so that every "
-            "CDDB sub-category folder of the twin gets at least one image per class"
+            f"data.twin n_train={n_train} / n_val={n_val} must be >= {most_subs}, "
+            "so that every CDDB sub-category folder of the twin gets at least one image per class"
         )
     params = {
         "image_size": int(image_size),
@@ -142,17 +134,14 @@ def ensure_cddb_twin(
         "strength": float(strength),
         "generator_version": GENERATOR_VERSION,
     }
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[
-        :12
-    ]
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     base = Path(cache_dir).expanduser() / "cddb_twin"
     final = base / digest
     if (final / MANIFEST).is_file():
         return final
     if final.exists():
         raise DataError(
-            f"{final} exists but has no {MANIFEST}, so it is not a finished twin; delete it "
-            "and run again to regenerate"
+            f"{final} exists but has no {MANIFEST}, so it is not a finished twin; delete it and run again to regenerate"
         )
     base.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.tmp-", dir=base))
@@ -176,9 +165,7 @@ def ensure_cddb_twin(
         try:
             os.rename(tmp, final)
         except OSError:
-            if not (
-                final / MANIFEST
-            ).is_file():  # not a concurrent winner: a real failure
+            if not (final / MANIFEST).is_file():  # not a concurrent winner: a real failure
                 raise
             shutil.rmtree(tmp)
     except BaseException:

@@ -46,7 +46,7 @@ def hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 def resize_linear(a: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear resize of ``(n, h, w, c)`` with half-pixel centres (like align_corners=False)."""
+    """Bilinear resize of ``(n, h, w, c)``, half-pixel centres (align_corners=False)."""
     for axis, out in ((1, height), (2, width)):
         size = a.shape[axis]
         src = np.clip((np.arange(out) + 0.5) * size / out - 0.5, 0, size - 1)
@@ -69,9 +69,7 @@ def gaussian_blur(a: np.ndarray, sigma: float) -> np.ndarray:
         pad[axis] = (radius, radius)
         padded = np.pad(a, pad, mode="reflect")
         size = a.shape[axis]
-        a = sum(
-            w * padded.take(np.arange(k, k + size), axis) for k, w in enumerate(taps)
-        )
+        a = sum(w * padded.take(np.arange(k, k + size), axis) for k, w in enumerate(taps))
     return a
 
 
@@ -151,13 +149,13 @@ def _per_image(values: np.ndarray) -> np.ndarray:
 
 
 def _blend(img: np.ndarray, colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """Alpha-composite per-image ``colour`` ``(n, 3)`` over ``img`` with ``alpha`` ``(n, H, W)``."""
+    """Composite per-image ``colour`` ``(n, 3)`` over ``img`` by ``alpha`` ``(n, H, W)``."""
     img += alpha[..., None] * (colour.astype(np.float32)[:, None, None, :] - img)
     return img
 
 
 def render(rng: np.random.Generator, n: int, size: int, style: Style) -> np.ndarray:
-    """Render ``n`` images of side ``size`` in ``style``: gradient, texture, stripes, shapes, grain."""
+    """Render ``n`` images of side ``size``: gradient, texture, stripes, shapes, grain."""
     pal = style.palette
     pix = np.arange(size, dtype=np.float32) + 0.5
     yy, xx = np.meshgrid(pix, pix, indexing="ij")
@@ -165,9 +163,7 @@ def render(rng: np.random.Generator, n: int, size: int, style: Style) -> np.ndar
     # Background: a linear gradient between two palette colours.
     cols = pal[rng.integers(len(pal), size=(n, 2))]
     theta = rng.uniform(0, 2 * np.pi, n)
-    proj = _per_image(np.cos(theta)) * (xx - size / 2) + _per_image(np.sin(theta)) * (
-        yy - size / 2
-    )
+    proj = _per_image(np.cos(theta)) * (xx - size / 2) + _per_image(np.sin(theta)) * (yy - size / 2)
     img = np.repeat(cols[:, None, None, 0], size, 1).repeat(size, 2)
     img = _blend(img, cols[:, 1], np.clip(proj / size + 0.5, 0, 1))
 
@@ -180,9 +176,7 @@ def render(rng: np.random.Generator, n: int, size: int, style: Style) -> np.ndar
     period = np.maximum(rng.uniform(*style.stripe_period, n) * size, 3.0)
     phi = rng.uniform(0, 2 * np.pi, n)
     wave = _per_image(np.cos(phi) / period) * xx + _per_image(np.sin(phi) / period) * yy
-    stripes = 0.5 + 0.5 * np.sin(
-        2 * np.pi * wave + _per_image(rng.uniform(0, 2 * np.pi, n))
-    )
+    stripes = 0.5 + 0.5 * np.sin(2 * np.pi * wave + _per_image(rng.uniform(0, 2 * np.pi, n)))
     on = (rng.uniform(size=n) < style.stripe_prob) * rng.uniform(0.3, 0.7, n)
     img = _blend(img, pal[rng.integers(len(pal), size=n)], stripes * _per_image(on))
 

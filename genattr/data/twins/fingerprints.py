@@ -38,7 +38,7 @@ def checkerboard(
     phase: tuple[int, int] = (0, 0),
     axes: str = "xy",
 ) -> np.ndarray:
-    """Transposed-conv trace: a period-``period`` pattern whose strength follows the content."""
+    """Transposed-conv trace: a period-``period`` pattern scaled by the content."""
     yy, xx = _grid(x)
     pattern = np.ones(yy.shape)
     if "x" in axes:
@@ -48,9 +48,7 @@ def checkerboard(
     return x + amp * pattern[None, ..., None] * np.asarray(colour) * (0.5 + x)
 
 
-def grating(
-    x: np.ndarray, *, freq: float, angle: float, amp: float, colour: Sequence[float]
-) -> np.ndarray:
+def grating(x: np.ndarray, *, freq: float, angle: float, amp: float, colour: Sequence[float]) -> np.ndarray:
     """Spectral peak: a faint sinusoid at ``freq`` cycles/pixel, ``angle`` degrees."""
     yy, xx = _grid(x)
     rad = np.deg2rad(angle)
@@ -75,9 +73,7 @@ def resample(x: np.ndarray, *, factor: int, mode: str) -> np.ndarray:
     n, h, w, c = x.shape
     hp, wp = -(-h // factor) * factor, -(-w // factor) * factor
     padded = np.pad(x, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)), mode="edge")
-    small = padded.reshape(n, hp // factor, factor, wp // factor, factor, c).mean(
-        (2, 4)
-    )
+    small = padded.reshape(n, hp // factor, factor, wp // factor, factor, c).mean((2, 4))
     if mode == "nearest":
         big = small.repeat(factor, 1).repeat(factor, 2)
     else:
@@ -113,14 +109,10 @@ class Fingerprint:
     name: str
     description: str
     ops: tuple[Op, ...]
-    gain: float = (
-        1.0  # > 1 exaggerates filter-type traces (blur, resampling) beyond the filter
-    )
+    gain: float = 1.0  # > 1 exaggerates filter-type traces (blur, resampling) beyond the filter
     jitter: float = 0.25
 
-    def apply(
-        self, x: np.ndarray, rng: np.random.Generator, strength: float = 1.0
-    ) -> np.ndarray:
+    def apply(self, x: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
         """Fingerprint a float batch ``(n, H, W, 3)``; returns float32, unclipped.
 
         ``strength`` scales every trace at once (1.0 = the calibrated default).

@@ -32,15 +32,11 @@ def _colour(rng: np.random.Generator) -> np.ndarray:
     return rng.uniform(0.2, 1.0, 3)
 
 
-def _white_noise(
-    x: np.ndarray, *, sigma: float, rng: np.random.Generator
-) -> np.ndarray:
+def _white_noise(x: np.ndarray, *, sigma: float, rng: np.random.Generator) -> np.ndarray:
     return x + sigma * rng.normal(size=x.shape)
 
 
-def _block_offsets(
-    x: np.ndarray, *, block: int, amp: float, rng: np.random.Generator
-) -> np.ndarray:
+def _block_offsets(x: np.ndarray, *, block: int, amp: float, rng: np.random.Generator) -> np.ndarray:
     """Compression-like blocking: one random offset per ``block`` x ``block`` cell."""
     n, h, w, _ = x.shape
     cells = rng.normal(size=(n, -(-h // block), -(-w // block), 1))
@@ -77,18 +73,14 @@ def _grating(rng: np.random.Generator, lo: float, hi: float) -> Op:
     )
 
 
-def _channel_shift(
-    x: np.ndarray, *, channel: int, shift: tuple[int, int]
-) -> np.ndarray:
+def _channel_shift(x: np.ndarray, *, channel: int, shift: tuple[int, int]) -> np.ndarray:
     """Chromatic-aberration-like misalignment of one colour channel by a pixel."""
     y = x.copy()
     y[..., channel] = np.roll(x[..., channel], shift, axis=(1, 2))
     return y
 
 
-def _channel_noise(
-    x: np.ndarray, *, channel: int, sigma: float, rng: np.random.Generator
-) -> np.ndarray:
+def _channel_noise(x: np.ndarray, *, channel: int, sigma: float, rng: np.random.Generator) -> np.ndarray:
     """Noise in one colour channel only: a local colour statistic a CNN can see."""
     y = x.copy()
     y[..., channel] += sigma * rng.normal(size=x.shape[:3])
@@ -111,9 +103,7 @@ def _noisy_channel(rng: np.random.Generator) -> Op:
 
 def _tile(rng: np.random.Generator) -> Op:
     size = int(rng.integers(3, 10))
-    return partial(
-        tile_noise, tile=rng.normal(size=(size, size, 3)), amp=rng.uniform(0.02, 0.045)
-    )
+    return partial(tile_noise, tile=rng.normal(size=(size, size, 3)), amp=rng.uniform(0.02, 0.045))
 
 
 def _upsample(rng: np.random.Generator, factors: list[int], mode: str) -> Op:
@@ -134,9 +124,7 @@ FAMILIES: dict[str, Callable[[np.random.Generator], Op]] = {
     "upsample_nearest": partial(_upsample, factors=[2, 3], mode="nearest"),
     "upsample_linear": partial(_upsample, factors=[2, 3, 4], mode="linear"),
     "fixed_pattern_noise": _tile,
-    "white_noise": lambda rng: partial(
-        _white_noise, sigma=rng.uniform(0.025, 0.05), rng=rng
-    ),
+    "white_noise": lambda rng: partial(_white_noise, sigma=rng.uniform(0.025, 0.05), rng=rng),
     "blocking": lambda rng: partial(
         _block_offsets,
         block=int(rng.choice([4, 8])),
@@ -148,9 +136,7 @@ FAMILIES: dict[str, Callable[[np.random.Generator], Op]] = {
 CLASS_NAMES: tuple[str, ...] = ("clean", *FAMILIES)
 
 
-def pretrain_set(
-    n: int, *, image_size: int, seed: int
-) -> tuple[np.ndarray, np.ndarray, int]:
+def pretrain_set(n: int, *, image_size: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
     """``n`` images (uint8 ``N x H x W x 3``), balanced int64 labels, and the class count.
 
     Content style is redrawn for every chunk of images so the backbone sees many

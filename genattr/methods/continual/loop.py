@@ -72,7 +72,9 @@ class ContinualLoop:
     def _infer(self, net: ContinualNet, dataset: Dataset, what: str, train_mode: bool = False) -> np.ndarray:
         """Run ``net`` over ``dataset`` on all ranks; return outputs in dataset order."""
         loader = DataLoader(
-            _Indexed(dataset), batch_size=int(self.tr["eval_batch_size"]), shuffle=False,
+            _Indexed(dataset),
+            batch_size=int(self.tr["eval_batch_size"]),
+            shuffle=False,
             num_workers=int(self.tr["num_workers"]),
         )
         loader = self.acc.prepare_data_loader(loader)
@@ -114,8 +116,12 @@ class ContinualLoop:
         per_step = global_bs // (world * accum)
         gen = torch.Generator().manual_seed(self.ctx.seed * 7919 + t)
         loader = DataLoader(
-            data, batch_size=per_step, shuffle=True, drop_last=len(data) > global_bs,
-            num_workers=int(self.tr["num_workers"]), generator=gen,
+            data,
+            batch_size=per_step,
+            shuffle=True,
+            drop_last=len(data) > global_bs,
+            num_workers=int(self.tr["num_workers"]),
+            generator=gen,
         )
         opt_cfg, sch = self.tr["optimizer"], self.tr["schedule"]
         base = float(opt_cfg["lr"] if t == 0 else opt_cfg["incremental_lr"])
@@ -124,24 +130,34 @@ class ContinualLoop:
         trainable = {id(p) for p in net.trainable_parameters()}
         named = [(n, p) for n, p in net.named_parameters() if id(p) in trainable]
         opt = torch.optim.AdamW(
-            param_groups(named, float(opt_cfg["weight_decay"])), lr=base,
-            eps=float(opt_cfg["eps"]), betas=tuple(opt_cfg["betas"]),
+            param_groups(named, float(opt_cfg["weight_decay"])),
+            lr=base,
+            eps=float(opt_cfg["eps"]),
+            betas=tuple(opt_cfg["betas"]),
         )
         model, opt, loader = self.acc.prepare(net, opt, loader)
         epochs = int(self.tr["epochs"])
         mean_loss = float("nan")
         for epoch in range(epochs):
             lr = epoch_lr(
-                epoch, base_lr=base, epochs=epochs, warmup_epochs=int(sch["warmup_epochs"]),
-                warmup_lr=float(sch["warmup_lr"]), min_lr=float(sch["min_lr"]),
+                epoch,
+                base_lr=base,
+                epochs=epochs,
+                warmup_epochs=int(sch["warmup_epochs"]),
+                warmup_lr=float(sch["warmup_lr"]),
+                min_lr=float(sch["min_lr"]),
                 step_after_epoch=bool(sch["step_after_epoch"]),
             )
             set_lr(opt, lr)
             model.train()
             t0 = time.perf_counter()
             total, count = torch.zeros((), device=self.acc.device), 0
-            bar = tqdm(loader, desc=f"task {t} epoch {epoch + 1}/{epochs}", leave=False,
-                       disable=None if self.acc.is_main_process else True)
+            bar = tqdm(
+                loader,
+                desc=f"task {t} epoch {epoch + 1}/{epochs}",
+                leave=False,
+                disable=None if self.acc.is_main_process else True,
+            )
             for x, y in bar:
                 with self.acc.accumulate(model):
                     with self.acc.autocast():
@@ -156,8 +172,9 @@ class ContinualLoop:
             self.epoch_times.append(time.perf_counter() - t0)
             step = t * epochs + epoch
             self.ctx.tracker.log_metrics({"train/loss": mean_loss, "train/lr": lr}, step=step)
-            log.info("task %d epoch %d/%d: loss %.4f lr %.3g (%d samples)", t, epoch + 1, epochs, mean_loss, lr,
-                     len(data))
+            log.info(
+                "task %d epoch %d/%d: loss %.4f lr %.3g (%d samples)", t, epoch + 1, epochs, mean_loss, lr, len(data)
+            )
         self.acc.wait_for_everyone()
         # restore the module's own forward (prepare() wraps it for mixed precision) and drop
         # Accelerate's references, so the next task prepares a fresh wrapper
@@ -220,7 +237,9 @@ class ContinualLoop:
         net = method.build_net(backbone).to(acc.device)
         mem_cfg = method.memory_cfg
         memory = ExemplarMemory(
-            int(mem_cfg.get("size", 0)), max_iter=int(mem_cfg.get("max_iter", 1000)), seed=self.ctx.seed,
+            int(mem_cfg.get("size", 0)),
+            max_iter=int(mem_cfg.get("max_iter", 1000)),
+            seed=self.ctx.seed,
             herd_eval_mode=bool(mem_cfg.get("herd_eval_mode", False)),
         )
         start = self._restore(net, memory)
@@ -233,7 +252,9 @@ class ContinualLoop:
             loss = self.train_task(net, t, memory)
             herd_set = task.train if not memory.herd_eval_mode else task.train.with_transform(task.test.transform)
             memory.update(
-                herd_set, task.classes, net.total_classes,
+                herd_set,
+                task.classes,
+                net.total_classes,
                 lambda ds: self._infer(net, ds, "features", train_mode=not memory.herd_eval_mode),
             )
             self.evaluate(net, t)
@@ -242,8 +263,14 @@ class ContinualLoop:
             metrics |= {f"eval/binary_acc/{protocol.tasks[i].name}": float(self.B[i, t]) for i in range(t + 1)}
             metrics |= {"eval/stage_avg_acc": stage["stage_avg"][-1], "memory/size": float(len(memory))}
             self.ctx.tracker.log_metrics(metrics, step=t)
-            log.info("after task %d (%s): loss %.4f, accuracy on seen tasks %s, memory %s", t, task.name, loss,
-                     np.round(self.R[: t + 1, t], 2).tolist(), memory.counts())
+            log.info(
+                "after task %d (%s): loss %.4f, accuracy on seen tasks %s, memory %s",
+                t,
+                task.name,
+                loss,
+                np.round(self.R[: t + 1, t], 2).tolist(),
+                memory.counts(),
+            )
             self._save(net, memory, t)
             if self.ctx.stop_after_task is not None and t == self.ctx.stop_after_task and t < n - 1:
                 log.warning("stop_after_task=%d: stopping after the checkpoint of task %d", t, t)
@@ -258,9 +285,13 @@ class ContinualLoop:
         results = {
             "acc_matrix": R.tolist(),
             "binary_matrix": B.tolist(),
-            "aa": s["aa"], "aaf": s["aaf"], "bwt": s["bwt"], "forgetting": s["forgetting"],
+            "aa": s["aa"],
+            "aaf": s["aaf"],
+            "bwt": s["bwt"],
+            "forgetting": s["forgetting"],
             "stage_avg": s["stage_avg"],
-            "binary_aa": sb["aa"], "binary_aaf": sb["aaf"],
+            "binary_aa": sb["aa"],
+            "binary_aaf": sb["aaf"],
             "task_names": self.protocol.task_names[:k],
             "method": self.method.name,
             "data": self.protocol.name,
@@ -270,18 +301,27 @@ class ContinualLoop:
             "train_seconds_this_process": seconds,
         } | {k2: v for k2, v in self.method.params().items() if v is not None}
         metrics = {
-            "final/aa": s["aa"], "final/aaf": s["aaf"], "final/bwt": s["bwt"],
-            "final/forgetting": s["forgetting"], "final/binary_aaf": sb["aaf"],
+            "final/aa": s["aa"],
+            "final/aaf": s["aaf"],
+            "final/bwt": s["bwt"],
+            "final/forgetting": s["forgetting"],
+            "final/binary_aaf": sb["aaf"],
         }
-        return Report(metrics=metrics if completed else {}, results=results, summary=format_matrix(
-            R, self.protocol.task_names[:k], s), completed=completed)
+        return Report(
+            metrics=metrics if completed else {},
+            results=results,
+            summary=format_matrix(R, self.protocol.task_names[:k], s),
+            completed=completed,
+        )
 
 
 def format_matrix(R: np.ndarray, names: list[str], s: dict[str, Any]) -> str:
     """The accuracy matrix as text (rows = evaluated task, columns = after training task)."""
     w = max(8, *(len(n) for n in names)) + 1
-    lines = ["accuracy matrix R[i, j] (multi-real %, row = evaluated task, column = after task j)",
-             " " * w + "".join(f"{n[:8]:>9}" for n in names)]
+    lines = [
+        "accuracy matrix R[i, j] (multi-real %, row = evaluated task, column = after task j)",
+        " " * w + "".join(f"{n[:8]:>9}" for n in names),
+    ]
     for i, n in enumerate(names):
         lines.append(f"{n:<{w}}" + "".join(f"{R[i, j]:9.2f}" if i <= j else f"{'':>9}" for j in range(len(names))))
     lines.append(f"AA {s['aa']:.2f}  AAF {s['aaf']:.2f}  BWT {s['bwt']:.2f}  forgetting {s['forgetting']:.2f}")

@@ -19,10 +19,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from genattr.models.adapters import EXPECTED_LORA_PARAMS_R64, convit_lora_targets, lora_parameter_count
-from genattr.models.backbones import feature_dim
 from genattr.methods.continual.base import ContinualMethod
 from genattr.methods.continual.network import ContinualNet
+from genattr.models.adapters import EXPECTED_LORA_PARAMS_R64, convit_lora_targets, lora_parameter_count
+from genattr.models.backbones import feature_dim
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,15 @@ log = logging.getLogger(__name__)
 class LoRAXNet(ContinualNet):
     """A frozen backbone with one named peft adapter (``task{i}``) per task."""
 
-    def __init__(self, backbone: nn.Module, lora: Mapping[str, Any], targets: str, reference_grad: bool,
-                 model_name: str | None = None, model_kwargs: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        lora: Mapping[str, Any],
+        targets: str,
+        reference_grad: bool,
+        model_name: str | None = None,
+        model_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__(feature_dim(backbone))
         self.target_modules = convit_lora_targets(backbone, targets)
         cfg = {k: v for k, v in lora.items() if k != "_target_"}
@@ -102,18 +109,29 @@ class LoRAXNet(ContinualNet):
 class LoRAX(ContinualMethod):
     """LoRAX hyper-parameters (``conf/method/lorax.yaml``) + the shared continual loop."""
 
-    def __init__(self, *, lora: Mapping[str, Any], targets: str = "gpsa_qk_v", reference_grad: bool = False,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *, lora: Mapping[str, Any], targets: str = "gpsa_qk_v", reference_grad: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.lora = dict(lora)
         self.targets = targets
         self.reference_grad = reference_grad
 
     def build_net(self, backbone: nn.Module) -> LoRAXNet:
-        net = LoRAXNet(backbone, self.lora, self.targets, self.reference_grad, self.model_cfg.get("name"),
-                       self.model_cfg.get("kwargs"))
-        log.info("LoRAX targets (%d layers): %s; %d LoRA parameters per adapter",
-                 len(net.target_modules), net.target_modules, net.adapter_params)
+        net = LoRAXNet(
+            backbone,
+            self.lora,
+            self.targets,
+            self.reference_grad,
+            self.model_cfg.get("name"),
+            self.model_cfg.get("kwargs"),
+        )
+        log.info(
+            "LoRAX targets (%d layers): %s; %d LoRA parameters per adapter",
+            len(net.target_modules),
+            net.target_modules,
+            net.adapter_params,
+        )
         self._adapter_params = net.adapter_params
         return net
 

@@ -89,6 +89,5 @@ class ExemplarMemory:
 
     def load(self, state: dict[str, Any]) -> None:
         self.per_class = {
-            int(c): [Sample(path=p, label=int(y), task=int(t)) for p, y, t in v]
-            for c, v in state["per_class"].items()
+            int(c): [Sample(path=p, label=int(y), task=int(t)) for p, y, t in v] for c, v in state["per_class"].items()
         }

@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from genattr.models.backbones import feature_dim, state_dict_cpu
 from genattr.methods.continual.base import ContinualMethod
 from genattr.methods.continual.network import ContinualNet
+from genattr.models.backbones import feature_dim, state_dict_cpu
 
 
 class SingleNet(ContinualNet):

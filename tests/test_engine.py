@@ -1,0 +1,51 @@
+"""Engine pieces: atomic task checkpoints and the SLURM -> torch.distributed export."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from genattr.engine.checkpoint import Checkpointer
+from genattr.engine.distributed import export_torch_distributed_env
+
+
+def test_checkpoints_are_committed_by_rename_and_pruned(tmp_path):
+    ck = Checkpointer(tmp_path, keep_last=2)
+    assert ck.latest() is None
+    for t in range(3):
+        ck.save(t, lambda folder, t=t: (folder / "w.txt").write_text(str(t)), {"task": t})
+    assert [p.name for p in ck.completed()] == ["task_001", "task_002"]
+    folder, state = ck.latest()
+    assert state["task"] == 2 and (folder / "w.txt").read_text() == "2"
+
+    def crash(folder):
+        (folder / "partial").write_text("x")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        ck.save(3, crash, {"task": 3})
+    assert ck.latest()[1]["task"] == 2  # the half-written task 3 is invisible
+
+
+def test_submitit_slurm_env_is_exported_before_accelerate(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    assert export_torch_distributed_env() == {}  # not in a submitit job: nothing to do
+    env = {
+        "SUBMITIT_EXECUTOR": "slurm",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_PROCID": "1",
+        "SLURM_NTASKS": "2",
+        "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "0",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_JOB_NODELIST": "node7",
+        "SLURM_STEP_NODELIST": "node7",
+        "SLURM_NTASKS_PER_NODE": "2",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    out = export_torch_distributed_env()
+    assert out["RANK"] == "1" and out["WORLD_SIZE"] == "2" and out["LOCAL_RANK"] == "1"
+    assert os.environ["MASTER_ADDR"] == "node7" and int(os.environ["MASTER_PORT"]) > 0
