@@ -55,7 +55,8 @@ def _step_fn(net: LoRAXNet, x: torch.Tensor, y: torch.Tensor, amp: torch.dtype |
         with ctx:
             out = net(x)
             loss = torch.nn.functional.cross_entropy(out["logits"], y)
-            loss = loss + 0.1 * torch.nn.functional.cross_entropy(out["aux_logits"], net.aux_targets(y))
+            if "aux_logits" in out:  # the div head exists from the second task on
+                loss = loss + 0.1 * torch.nn.functional.cross_entropy(out["aux_logits"], net.aux_targets(y))
         losses.append(loss.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
