@@ -29,8 +29,11 @@ def test_checkpoints_are_committed_by_rename_and_pruned(tmp_path):
 
 
 def test_submitit_slurm_env_is_exported_before_accelerate(monkeypatch):
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
+    # the export writes os.environ directly: register every key so monkeypatch restores it,
+    # otherwise later subprocesses would inherit WORLD_SIZE=2 and wait for a peer forever
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(k, "unset")
+        monkeypatch.delenv(k)
     assert export_torch_distributed_env() == {}  # not in a submitit job: nothing to do
     env = {
         "SUBMITIT_EXECUTOR": "slurm",
