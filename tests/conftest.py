@@ -26,15 +26,20 @@ register_resolvers()
 CONF = str(ROOT / "conf")
 
 
+def compose_config(overrides: Sequence[str], output_dir: Path) -> DictConfig:
+    """Compose ``conf/config.yaml`` with overrides, writing run outputs to ``output_dir``."""
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
 @pytest.fixture
 def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
-    """Compose ``conf/config.yaml`` with overrides; outputs go to a fresh temp dir."""
+    """:func:`compose_config` with outputs in a fresh temp dir unless one is given."""
 
     def _compose(overrides: Sequence[str] = (), output_dir: Path | None = None) -> DictConfig:
-        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-            cfg = compose(config_name="config", overrides=list(overrides))
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(output_dir or tmp_path / "run")
-        return cfg
+        return compose_config(overrides, output_dir or tmp_path / "run")
 
     return _compose

@@ -9,6 +9,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+from conftest import compose_config
 
 from genattr.run import run
 
@@ -29,19 +30,12 @@ def _overrides(method: str, db: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
     """Run LoRAX and replay once for the module (the expensive part)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import open_dict
-
     base = tmp_path_factory.mktemp("e2e")
     db = base / "mlflow.db"
     out = {}
     for method in ("lorax", "replay"):
         ov = _overrides(method, db)
-        with initialize_config_dir(config_dir=str(Path(__file__).parents[1] / "conf"), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=ov)
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(base / method)
-        report = run(cfg, overrides=ov)
+        report = run(compose_config(ov, base / method), overrides=ov)
         out[method] = (report, base / method)
     out["db"] = db
     return out

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -68,6 +67,3 @@ class DERNet(ContinualNet):
 class DER(ContinualMethod):
     def build_net(self, backbone: nn.Module) -> DERNet:
         return DERNet(backbone)
-
-    def params(self) -> dict[str, Any]:
-        return {}

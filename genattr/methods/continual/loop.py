@@ -26,7 +26,7 @@ from genattr.methods.base import Report, RunContext
 from genattr.methods.continual.base import ContinualMethod
 from genattr.methods.continual.memory import ExemplarMemory
 from genattr.methods.continual.network import ContinualNet
-from genattr.metrics.continual import per_task_accuracy, summarize
+from genattr.metrics.continual import binary_correct, multi_real_correct, summarize
 from genattr.utils.errors import ConfigError
 from genattr.utils.instantiate import build
 from genattr.utils.seed import rng_state, set_rng_state
@@ -65,7 +65,6 @@ class ContinualLoop:
         n = len(protocol.tasks)
         self.R = np.zeros((n, n))
         self.B = np.zeros((n, n))
-        self.epoch_times: list[float] = []
 
     # -- inference helpers ------------------------------------------------------------------
     @torch.no_grad()
@@ -98,10 +97,8 @@ class ContinualLoop:
         for i in range(stage + 1):
             test = self.protocol.tasks[i].test
             pred = self._infer(net, test, "logits").astype(np.int64)
-            y = test.labels
-            tid = np.zeros_like(y)
-            self.R[i, stage] = per_task_accuracy(pred, y, tid, 1, rule="multi_real")[0]
-            self.B[i, stage] = per_task_accuracy(pred, y, tid, 1, rule="binary")[0]
+            self.R[i, stage] = 100.0 * multi_real_correct(pred, test.labels).mean()
+            self.B[i, stage] = 100.0 * binary_correct(pred, test.labels).mean()
 
     # -- training -----------------------------------------------------------------------------
     def train_task(self, net: ContinualNet, t: int, memory: ExemplarMemory) -> float:
@@ -150,7 +147,6 @@ class ContinualLoop:
             )
             set_lr(opt, lr)
             model.train()
-            t0 = time.perf_counter()
             total, count = torch.zeros((), device=self.acc.device), 0
             bar = tqdm(
                 loader,
@@ -169,7 +165,6 @@ class ContinualLoop:
                 total += loss.detach().float()
                 count += 1
             mean_loss = float(self.acc.reduce(total, "mean")) / max(count, 1)
-            self.epoch_times.append(time.perf_counter() - t0)
             step = t * epochs + epoch
             self.ctx.tracker.log_metrics({"train/loss": mean_loss, "train/lr": lr}, step=step)
             log.info(
@@ -240,8 +235,8 @@ class ContinualLoop:
             int(mem_cfg.get("size", 0)),
             max_iter=int(mem_cfg.get("max_iter", 1000)),
             seed=self.ctx.seed,
-            herd_eval_mode=bool(mem_cfg.get("herd_eval_mode", False)),
         )
+        herd_eval = bool(mem_cfg.get("herd_eval_mode", False))
         start = self._restore(net, memory)
         n = len(protocol.tasks)
         t_start = time.perf_counter()
@@ -250,12 +245,12 @@ class ContinualLoop:
             net.begin_task(t, len(task.classes), aux_head=method.aux_weight > 0)
             net.to(acc.device)
             loss = self.train_task(net, t, memory)
-            herd_set = task.train if not memory.herd_eval_mode else task.train.with_transform(task.test.transform)
+            herd_set = task.train if not herd_eval else task.train.with_transform(task.test.transform)
             memory.update(
                 herd_set,
                 task.classes,
                 net.total_classes,
-                lambda ds: self._infer(net, ds, "features", train_mode=not memory.herd_eval_mode),
+                lambda ds: self._infer(net, ds, "features", train_mode=not herd_eval),
             )
             self.evaluate(net, t)
             stage = summarize(self.R[: t + 1, : t + 1])

@@ -45,11 +45,10 @@ def herding_order(features: np.ndarray, m: int, *, max_iter: int = 1000, seed: i
 
 
 class ExemplarMemory:
-    def __init__(self, size: int, *, max_iter: int = 1000, seed: int = 0, herd_eval_mode: bool = False) -> None:
+    def __init__(self, size: int, *, max_iter: int = 1000, seed: int = 0) -> None:
         self.size = int(size)
         self.max_iter = int(max_iter)
         self.seed = int(seed)
-        self.herd_eval_mode = bool(herd_eval_mode)
         self.per_class: dict[int, list[Sample]] = {}
 
     def __len__(self) -> int:
