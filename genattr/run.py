@@ -139,22 +139,14 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Report:
 
 
 def _write_outputs(report: Report, out: Path, tracker: Tracker) -> None:
-    from genattr.tracking.plots import plot_accuracy_matrix, plot_stage_curve
-
-    res = report.results
-    atomic_write_json(out / "results.json", res)
+    atomic_write_json(out / "results.json", report.results)
     tracker.log_artifact(out / "results.json")
     if report.metrics:
         tracker.log_metrics(report.metrics)
-    names = res.get("task_names")
-    if names and "acc_matrix" in res:
-        plots = out / "plots"
-        plots.mkdir(exist_ok=True)
-        title = f"{res['method']} on {res['data']} ({res['data_source']}, seed {res['seed']})"
-        plot_accuracy_matrix(res["acc_matrix"], names, plots / "acc_matrix.png", title)
-        plot_stage_curve({"multi-real": res["stage_avg"]}, names, plots / "stage_avg.png", "average accuracy (%)")
-        for p in sorted(plots.glob("*.png")):
-            tracker.log_artifact(p, "plots")
+    for path in report.artifacts:
+        # artifacts keep the folder they were written to below the output dir (plots/, predictions/, ...)
+        rel = path.parent.relative_to(out) if path.is_relative_to(out) else Path("artifacts")
+        tracker.log_artifact(path, None if str(rel) == "." else rel.as_posix())
 
 
 def _jsonable(obj: Any) -> Any:

@@ -305,9 +305,22 @@ class ContinualLoop:
         return Report(
             metrics=metrics if completed else {},
             results=results,
+            artifacts=self._plots(results) if self.acc.is_main_process else [],
             summary=format_matrix(R, self.protocol.task_names[:k], s),
             completed=completed,
         )
+
+    def _plots(self, res: dict[str, Any]) -> list[Path]:
+        """Accuracy-matrix heatmap and stage curve under ``<output>/plots``."""
+        from genattr.tracking.plots import plot_accuracy_matrix, plot_stage_curve
+
+        plots = self.ctx.output_dir / "plots"
+        plots.mkdir(parents=True, exist_ok=True)
+        names = res["task_names"]
+        title = f"{res['method']} on {res['data']} ({res['data_source']}, seed {res['seed']})"
+        plot_accuracy_matrix(res["acc_matrix"], names, plots / "acc_matrix.png", title)
+        plot_stage_curve({"multi-real": res["stage_avg"]}, names, plots / "stage_avg.png", "average accuracy (%)")
+        return [plots / "acc_matrix.png", plots / "stage_avg.png"]
 
 
 def format_matrix(R: np.ndarray, names: list[str], s: dict[str, Any]) -> str:
