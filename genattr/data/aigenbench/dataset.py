@@ -12,6 +12,7 @@ benchmark generators (what the original code and its prediction dumps use);
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -49,9 +50,11 @@ class ArrowImages:
 
     def _column(self) -> Any:
         if self._table is None:
+            from datasets import Image as HFImage
             from datasets import load_from_disk
 
-            self._table = load_from_disk(str(self.root / self.split)).select_columns(["image", "file_id"])
+            ds = load_from_disk(str(self.root / self.split)).select_columns(["image", "file_id"])
+            self._table = ds.cast_column("image", HFImage(decode=False))  # we decode, to name bad files
         return self._table
 
     def __getstate__(self) -> dict[str, Any]:
@@ -59,10 +62,12 @@ class ArrowImages:
 
     def __call__(self, row: int) -> Image.Image:
         item = self._column()[int(row)]
+        raw = item["image"] or {}
         try:
-            image = item["image"]
-            image.load()
-            return image.convert("RGB")
+            source = io.BytesIO(raw["bytes"]) if raw.get("bytes") is not None else raw.get("path")
+            with Image.open(source) as image:
+                image.load()
+                return image.convert("RGB")
         except Exception as err:  # PIL raises several unrelated types for broken files
             raise DataError(
                 f"{self.root}/{self.split} row {row} (file_id {item.get('file_id')!r}) could not be decoded: {err}"
