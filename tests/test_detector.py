@@ -202,3 +202,14 @@ def test_resume_after_a_stop_between_windows_gives_the_same_metrics(full_run) ->
     steps = sorted(m.step for m in client.get_metric_history(resumed_run.info.run_id, "window/next/auroc"))
     assert steps == [0, 1, 2]
     assert resumed_run.data.metrics["final/score"] == pytest.approx(full["score"])
+
+
+def test_bench_detector_writes_its_figures(tmp_path: Path) -> None:
+    from genattr.bench.__main__ import main
+
+    out = tmp_path / "detector.json"
+    args = ["detector", "--model", "test_resnet", "--img-size", "32", "--batch", "4", "--source-size", "96", "64"]
+    assert main([*args, "--images", "8", "--workers", "0", "--repeats", "1", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["probe_step"]["trainable_params"] < res["tune_step"]["trainable_params"]
+    assert res["eval_pipeline_images_per_s"] > 0 and res["train_loader_images_per_s"] > 0
