@@ -16,13 +16,8 @@ chronological, which keeps the protocol honest about ids vs time.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import io
-import json
 import logging
-import os
-import shutil
-import tempfile
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,6 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from genattr.data.twins.cache import cached_twin
 from genattr.data.twins.content import name_seed, random_style, render
 from genattr.data.twins.fingerprints import (
     Fingerprint,
@@ -45,7 +41,6 @@ from genattr.utils.errors import ConfigError
 log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
-MANIFEST = "twin.json"
 FAMILIES = ("upconv", "spectral", "latent")
 #: Invented generator names; their alphabetical order deliberately differs from release order.
 _NAMES = (
@@ -250,15 +245,9 @@ def ensure_aigenbench_twin(
         "strength": float(strength),
         "generator_version": GENERATOR_VERSION,
     }
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-    base = Path(cache_dir).expanduser() / "aigenbench_twin"
-    final = base / digest
-    if (final / MANIFEST).is_file():
-        return final
-    base.mkdir(parents=True, exist_ok=True)
     plan = generator_plan(n_windows * generators_per_window, n_families)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.", dir=base))
-    try:
+
+    def generate(tmp: Path) -> dict[str, Any]:
         write_aigenbench(
             tmp,
             {
@@ -269,14 +258,6 @@ def ensure_aigenbench_twin(
         lines = ["# AI-GenBench twin timeline (written by genattr)", "generator,release_date"]
         lines += [f"{name},{date.isoformat()}" for name, _, date in plan]
         (tmp / "generators.csv").write_text("\n".join(lines) + "\n")
-        manifest = params | {"generators": [{"name": n, "family": f, "date": d.isoformat()} for n, f, d in plan]}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process finished first
-            if not (final / MANIFEST).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("AI-GenBench twin written to %s", final)
-    return final
+        return {"generators": [{"name": n, "family": f, "date": d.isoformat()} for n, f, d in plan]}
+
+    return cached_twin(cache_dir, "aigenbench_twin", params, generate)

@@ -120,15 +120,10 @@ class WindowLoop:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _restore(self, model: Detector) -> int:
-        found = self.ctx.checkpoints.latest()
+        found = self.ctx.checkpoints.latest_for(self.ctx.config_fingerprint)
         if found is None:
             return 0
         folder, state = found
-        if state.get("config_fingerprint") != self.ctx.config_fingerprint:
-            raise ConfigError(
-                f"the checkpoint {folder} was written with other settings; continue it with the same "
-                "overrides, or start fresh with resume=never (or another hydra.run.dir)."
-            )
         windows = [list(w) for w in self.protocol.timeline.windows]
         if state.get("timeline") != windows:
             raise ConfigError(f"the checkpoint {folder} is for the windows {state.get('timeline')}, not {windows}.")
