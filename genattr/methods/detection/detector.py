@@ -160,20 +160,26 @@ class WindowLoop:
 
     # -- training -----------------------------------------------------------------------------
     def _optimizer(self, model: Detector, steps: int) -> tuple[torch.optim.Optimizer, Any]:
-        opt_cfg = dict(self.method.trainer.get("optimizer", {}))
-        sch = dict(self.method.trainer.get("schedule", {}))
-        params = [p for p in model.parameters() if p.requires_grad]
-        lr = float(opt_cfg.get("lr", 1e-3))
-        opt = torch.optim.SGD(
-            params,
-            lr=lr,
-            momentum=float(opt_cfg.get("momentum", 0.9)),
-            dampening=float(opt_cfg.get("dampening", 0.0)),
-            weight_decay=float(opt_cfg.get("weight_decay", 1e-4)),
+        """SGD over the trainable parameters and a OneCycleLR over ``steps`` optimizer steps."""
+        opt = self._sgd(model)
+        return opt, self._onecycle(opt, steps)
+
+    def _sgd(self, model: Detector) -> torch.optim.Optimizer:
+        cfg = dict(self.method.trainer.get("optimizer", {}))
+        return torch.optim.SGD(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=float(cfg.get("lr", 1e-3)),
+            momentum=float(cfg.get("momentum", 0.9)),
+            dampening=float(cfg.get("dampening", 0.0)),
+            weight_decay=float(cfg.get("weight_decay", 1e-4)),
         )
-        sched = torch.optim.lr_scheduler.OneCycleLR(
+
+    def _onecycle(self, opt: torch.optim.Optimizer, steps: int) -> Any:
+        """torch OneCycleLR; ``cycle_momentum`` overrides SGD's momentum (0.95 -> 0.85 -> 0.95)."""
+        sch = dict(self.method.trainer.get("schedule", {}))
+        return torch.optim.lr_scheduler.OneCycleLR(
             opt,
-            max_lr=lr,
+            max_lr=float(self.method.trainer.get("optimizer", {}).get("lr", 1e-3)),
             total_steps=steps,
             pct_start=float(sch.get("pct_start", 0.3)),
             anneal_strategy=str(sch.get("anneal_strategy", "cos")),
@@ -183,7 +189,6 @@ class WindowLoop:
             div_factor=float(sch.get("div_factor", 25.0)),
             final_div_factor=float(sch.get("final_div_factor", 1e4)),
         )
-        return opt, sched
 
     def train_window(self, model_p: torch.nn.Module, model: Detector, k: int) -> dict[str, float]:
         """One window: new SGD + OneCycleLR over this window's optimizer steps, weights carried over."""
@@ -192,7 +197,7 @@ class WindowLoop:
         data = FixedAugmentedTrainSet(
             protocol.train,
             protocol.training_positions(k),
-            augmentation_factor=self.method.augmentation_factor * int(tr.get("epochs_per_window", 1)),
+            augmentation_factor=self.method.augmentation_factor,
             pipeline=self.train_pipeline,
             crop=self.method.train_crop,
             size=self.size,
@@ -209,43 +214,48 @@ class WindowLoop:
             generator=torch.Generator().manual_seed(self.ctx.seed * 1009 + k),
             persistent_workers=False,
         )
-        steps = len(loader) // acc.num_processes // self.accum
-        if steps < 1:
+        epochs = int(tr.get("epochs_per_window", 1))
+        opt = self._sgd(model)
+        opt_p, loader_p = acc.prepare(opt, loader)
+        per_epoch = len(loader_p) // self.accum  # an incomplete last accumulation group is dropped
+        steps = per_epoch * epochs
+        if per_epoch < 1:
             raise ConfigError(
                 f"window {k} has {len(data)} training samples, fewer than one global batch of {self.global_batch}; "
                 "lower trainer.global_batch_size"
             )
-        opt, sched = self._optimizer(model, steps)
-        opt_p, loader_p = acc.prepare(opt, loader)
+        sched = self._onecycle(opt, steps)  # on the raw optimizer: stepped once per optimizer step
         model_p.train()
         params = [p for p in model.parameters() if p.requires_grad]
         clip = tr.get("grad_clip", 1.0)
         log_every = max(1, int(tr.get("log_every_steps", 25)))
-        it = iter(loader_p)
         losses: list[float] = []
         t0 = time.perf_counter()
-        for step in range(steps):
-            total = 0.0
-            for micro in range(self.accum):
-                x, y, _, _ = next(it)
-                sync = micro == self.accum - 1
-                with contextlib.nullcontext() if sync else acc.no_sync(model_p):
-                    logits = model_p(x).float()
-                    loss = F.binary_cross_entropy_with_logits(logits, y.float()) / self.accum
-                    acc.backward(loss)
-                total += float(loss.detach())
-            if clip is not None:
-                acc.clip_grad_norm_(params, float(clip))
-            opt_p.step()
-            sched.step()
-            opt_p.zero_grad(set_to_none=True)
-            losses.append(total)
-            self.global_step += 1
-            if (step + 1) % log_every == 0 or step == steps - 1:
-                self.ctx.tracker.log_metrics(
-                    {"train/loss": float(np.mean(losses[-log_every:])), "train/lr": sched.get_last_lr()[0]},
-                    step=self.global_step,
-                )
+        # epochs re-visit the same augmentation_factor fixed variants, reshuffled (as the original)
+        for _epoch in range(epochs):
+            it = iter(loader_p)
+            for _ in range(per_epoch):
+                total = 0.0
+                for micro in range(self.accum):
+                    x, y, _, _ = next(it)
+                    sync = micro == self.accum - 1
+                    with contextlib.nullcontext() if sync else acc.no_sync(model_p):
+                        logits = model_p(x).float()
+                        loss = F.binary_cross_entropy_with_logits(logits, y.float()) / self.accum
+                        acc.backward(loss)
+                    total += float(loss.detach())
+                if clip is not None:
+                    acc.clip_grad_norm_(params, float(clip))
+                opt_p.step()
+                sched.step()
+                opt_p.zero_grad(set_to_none=True)
+                losses.append(total)
+                self.global_step += 1
+                if len(losses) % log_every == 0 or len(losses) == steps:
+                    self.ctx.tracker.log_metrics(
+                        {"train/loss": float(np.mean(losses[-log_every:])), "train/lr": sched.get_last_lr()[0]},
+                        step=self.global_step,
+                    )
         seconds = time.perf_counter() - t0
         acc.free_memory()  # drop the prepared optimizer / loader (and their buffers); we keep model_p ourselves
         log.info("window %d: %d optimizer steps, loss %.4f, %.1f s", k, steps, float(np.mean(losses)), seconds)
