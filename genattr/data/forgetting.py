@@ -82,7 +82,11 @@ def class_order(n_classes: int, seed: int) -> list[int]:
 
 
 def make_tasks(order: Sequence[int], *, num_tasks: int, first_classes: int, per_task: int) -> list[ForgetTask]:
-    """Task ``t`` forgets ``order[F - tP : F - tP + P]``; ``order[:F - tP]`` remain, the rest are old."""
+    """Task ``t`` forgets ``order[F - tP : F - tP + P]``; ``order[:F - tP]`` remain.
+
+    Old = the classes forgotten by earlier tasks; classes past ``F + P`` (when F + P < n) are
+    in no set: never forgotten, never trained on.
+    """
     n = len(order)
     if per_task < 1 or num_tasks < 1:
         raise ConfigError(f"data.scenario needs num_tasks >= 1 and per_task >= 1, got {num_tasks}, {per_task}")
@@ -105,7 +109,7 @@ def make_tasks(order: Sequence[int], *, num_tasks: int, first_classes: int, per_
                 name=f"{cut + per_task}-{per_task}",
                 forget=forget,
                 remain=tuple(order[:cut]),
-                old=tuple(order[cut + per_task :]),
+                old=tuple(order[cut + per_task : first_classes + per_task]),
             )
         )
     return tasks

@@ -25,7 +25,7 @@ from genattr.data.forgetting import ForgettingProtocol
 from genattr.engine.schedule import epoch_lr, set_lr
 from genattr.methods.base import Report, RunContext
 from genattr.methods.forgetting.base import Batch, ForgettingMethod, TaskData
-from genattr.methods.forgetting.pretrain import build_net, state_dict_cpu, twin_backbone
+from genattr.methods.forgetting.pretrain import build_net, decode_all, state_dict_cpu, twin_backbone
 from genattr.metrics.forgetting import h_mean, pooled_accuracy, zero_group_ratio
 from genattr.utils.errors import ConfigError
 from genattr.utils.seed import rng_state, set_rng_state
@@ -44,18 +44,13 @@ def param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> 
     ]
 
 
-def _decode(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = zip(*(ds[i] for i in range(len(ds))), strict=True)
-    return torch.stack(xs), torch.as_tensor(ys, dtype=torch.long)
-
-
 class _Split:
     """Selects the images of a class set, from disk or from tensors decoded once (``trainer.preload``)."""
 
     def __init__(self, ds: Any, preload: bool) -> None:
         self.ds = ds
         self.labels = np.asarray(ds.labels)
-        self.tensors = _decode(ds) if preload else None
+        self.tensors = decode_all(ds).tensors if preload else None
 
     def select(self, classes: tuple[int, ...] | list[int]) -> Dataset:
         idx = np.flatnonzero(np.isin(self.labels, np.asarray(classes, dtype=np.int64)))
@@ -334,7 +329,7 @@ class ForgettingLoop:
             "data_source": p.source,
             "seed": self.ctx.seed,
             "completed": completed,
-            "tasks": rows,
+            "tasks": [_finite(r) for r in rows],
             "task_names": [r["name"] for r in rows],
             "order": p.order,
             "missing": list(p.missing),
@@ -368,6 +363,11 @@ class ForgettingLoop:
         if "group_norms" in res["tasks"][0]:
             out.append(plot_group_norms(res["tasks"], folder / "group_norms.png", title))
         return out
+
+
+def _finite(row: dict[str, Any]) -> dict[str, Any]:
+    """NaN (an empty class set, e.g. Acc_o of the first task) becomes null in results.json."""
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in row.items()}
 
 
 def format_table(rows: list[dict[str, Any]], method: str, data: str) -> str:

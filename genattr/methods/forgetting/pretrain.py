@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from genattr.methods.base import Report, RunContext
 from genattr.utils.instantiate import build
@@ -47,6 +47,12 @@ def build_net(model_cfg: Mapping[str, Any], protocol: Any, *, weights: str | Non
         if "pretrained" in cfg:
             cfg["pretrained"] = False
     return build(OmegaConf.create(cfg), num_classes=protocol.n_classes, class_ids=protocol.info.get("imagenet_ids"))
+
+
+def decode_all(ds: Dataset) -> TensorDataset:
+    """Decode a (small) image dataset into memory once, so epochs do not re-read the files."""
+    xs, ys = zip(*(ds[i] for i in range(len(ds))), strict=True)
+    return TensorDataset(torch.stack(xs), torch.as_tensor(ys, dtype=torch.long))
 
 
 def state_dict_cpu(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -141,7 +147,7 @@ def twin_backbone(model_cfg: Mapping[str, Any], protocol: Any, device: torch.dev
     net = build_net(model_cfg, protocol, weights=False)
     pretrain(
         net,
-        protocol.train,
+        decode_all(protocol.train),
         epochs=int(recipe.get("epochs", 30)),
         batch_size=int(recipe.get("batch_size", 64)),
         lr=float(recipe.get("lr", 2e-3)),
@@ -150,7 +156,7 @@ def twin_backbone(model_cfg: Mapping[str, Any], protocol: Any, device: torch.dev
         seed=int(recipe.get("seed", 0)),
         device=device,
     )
-    acc = accuracy(net, protocol.test, margin=False, device=device)
+    acc = accuracy(net, decode_all(protocol.test), margin=False, device=device)
     log.warning("twin backbone pre-trained in %.0fs: test accuracy %.1f%% (argmax)", time.perf_counter() - t0, acc)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
