@@ -116,9 +116,10 @@ class SlicedHeadViT(nn.Module):
         head = vit.get_classifier()
         if not isinstance(head, nn.Linear):
             raise ConfigError("the ImageNet backbone needs a Linear classifier to slice (num_classes=1000)")
-        ids = torch.as_tensor(list(class_ids), dtype=torch.long)
-        if int(ids.max()) >= head.out_features:
-            raise ConfigError(f"class id {int(ids.max())} is outside the {head.out_features}-way head")
+        ids_list = [int(i) for i in class_ids]
+        if max(ids_list) >= head.out_features:
+            raise ConfigError(f"class id {max(ids_list)} is outside the {head.out_features}-way head")
+        ids = torch.as_tensor(ids_list, dtype=torch.long, device=head.weight.device)
         self.head = nn.Linear(head.in_features, len(ids), device=head.weight.device)
         with torch.no_grad():
             self.head.weight.copy_(head.weight[ids])
