@@ -92,7 +92,7 @@ def test_baselines_run_from_the_same_command_line(method, tmp_path):
 
 
 def test_stop_and_resume_gives_the_same_table(tmp_path):
-    ov = ["method=gslora", "data.scenario.num_tasks=2", "trainer.epochs=2"]
+    ov = ["method=gslora", "data.scenario.num_tasks=2", "trainer.epochs=1"]
     straight = _run(ov, tmp_path / "straight")
     first = _run([*ov, "stop_after_task=0"], tmp_path / "resumed")
     assert not first.completed and (tmp_path / "resumed" / "checkpoints" / "task_000" / "model.safetensors").is_file()
@@ -106,7 +106,7 @@ def test_stop_and_resume_gives_the_same_table(tmp_path):
 
 def test_imagenet100_twin_slices_the_head_and_forgets(tmp_path):
     report = _run(
-        ["data=imagenet100", "method=gslora", "model=vit_b16_imagenet100", *ONE_TASK, "model.twin_pretrain.epochs=15"],
+        ["data=imagenet100", "method=gslora", "model=vit_b16_imagenet100", *ONE_TASK, "model.twin_pretrain.epochs=8"],
         tmp_path,
     )
     row = report.results["tasks"][0]

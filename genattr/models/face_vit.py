@@ -126,8 +126,12 @@ class SlicedHeadViT(nn.Module):
             self.head.bias.copy_(head.bias[ids])
         vit.reset_classifier(0)
         self.vit = vit
-        self.blocks = vit.blocks
         self.num_features = int(vit.num_features)
+
+    @property
+    def blocks(self) -> nn.Sequential:
+        """The timm blocks (a property, not a second registration, so the state dict has one copy)."""
+        return self.vit.blocks
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.vit.forward_head(self.vit.forward_features(x), pre_logits=True)

@@ -25,7 +25,13 @@ from genattr.data.forgetting import ForgettingProtocol
 from genattr.engine.schedule import epoch_lr, set_lr
 from genattr.methods.base import Report, RunContext
 from genattr.methods.forgetting.base import Batch, ForgettingMethod, TaskData
-from genattr.methods.forgetting.pretrain import build_net, decode_all, state_dict_cpu, twin_backbone
+from genattr.methods.forgetting.pretrain import (
+    build_net,
+    decode_all,
+    effective_model_cfg,
+    state_dict_cpu,
+    twin_backbone,
+)
 from genattr.metrics.forgetting import h_mean, pooled_accuracy, zero_group_ratio
 from genattr.utils.errors import ConfigError
 from genattr.utils.seed import rng_state, set_rng_state
@@ -79,7 +85,7 @@ class ForgettingLoop:
 
     # -- network ------------------------------------------------------------------------------
     def _initial_net(self) -> nn.Module:
-        cfg = self.method.model_cfg
+        cfg = effective_model_cfg(self.method.model_cfg, self.protocol)
         has_weights = cfg.get("weights") is not None or bool(cfg.get("pretrained", False))
         if has_weights:
             return build_net(cfg, self.protocol).to(self.acc.device)

@@ -20,13 +20,15 @@ ADAPTER = "default"
 
 
 def ffn_targets(net: nn.Module) -> list[str]:
-    """``blocks.<i>.mlp.fc1`` and ``.fc2`` of every block (the ``--lora_pos FFN`` default)."""
+    """Full names of ``mlp.fc1`` and ``mlp.fc2`` of every block (the ``--lora_pos FFN`` default)."""
+    name_of = {id(m): n for n, m in net.named_modules()}
     names = []
     for i, blk in enumerate(net.blocks):
         for leaf in ("fc1", "fc2"):
-            if not isinstance(getattr(blk.mlp, leaf, None), nn.Linear):
+            layer = getattr(blk.mlp, leaf, None)
+            if not isinstance(layer, nn.Linear):
                 raise TypeError(f"block {i} has no Linear mlp.{leaf}; GS-LoRA targets timm Mlp blocks")
-            names.append(f"blocks.{i}.mlp.{leaf}")
+            names.append(name_of[id(layer)])
     return names
 
 

@@ -34,7 +34,22 @@ log = logging.getLogger(__name__)
 
 RECIPE_VERSION = 1
 #: model-config keys that are not architecture (never passed to the builder)
-NON_ARCH_KEYS = ("twin_pretrain", "cache_dir")
+NON_ARCH_KEYS = ("twin_pretrain", "cache_dir", "twin_arch")
+
+
+def effective_model_cfg(model_cfg: Mapping[str, Any], protocol: Any) -> dict[str, Any]:
+    """The model config with its ``twin_arch`` applied when the data is a twin.
+
+    A model option picked by hand (``model=vit_b16_imagenet100``) is exempt from the data
+    option's twin profile, so the option itself names the CPU-sized variant it becomes on a
+    twin (a tiny ViT on 32 px images); real data never sees it.
+    """
+    cfg = dict(model_cfg)
+    twin_arch = cfg.get("twin_arch")
+    if protocol.source == "twin" and twin_arch and cfg.get("weights") is None:
+        cfg.update(dict(twin_arch))
+        log.warning("twin data: model.twin_arch applied to %s: %s", model_cfg.get("name"), dict(twin_arch))
+    return cfg
 
 
 def build_net(model_cfg: Mapping[str, Any], protocol: Any, *, weights: str | None | bool = True) -> nn.Module:
@@ -202,6 +217,7 @@ class Pretrain:
 
     def run(self, protocol: Any, ctx: RunContext) -> Report:
         device = ctx.accelerator.device
+        self.model_cfg = effective_model_cfg(self.model_cfg, protocol)
         net = build_net(self.model_cfg, protocol, weights=False).to(device)
         if protocol.source == "twin":  # the twin's own recipe, the one its cached backbone uses
             twin = dict(self.model_cfg.get("twin_pretrain") or {})
