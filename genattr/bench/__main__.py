@@ -9,12 +9,13 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m genattr.bench", description=__doc__)
     sub = parser.add_subparsers(dest="bench", required=True)
-    from genattr.bench import detector, lorax
+    from genattr.bench import detector, gslora, lorax
 
-    lorax.add_arguments(sub.add_parser("lorax", help=lorax.__doc__.splitlines()[0]))
-    detector.add_arguments(sub.add_parser("detector", help=detector.__doc__.splitlines()[0]))
+    benches = {"lorax": lorax, "detector": detector, "gslora": gslora}
+    for name, module in benches.items():
+        module.add_arguments(sub.add_parser(name, help=module.__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
-    return {"lorax": lorax.main, "detector": detector.main}[args.bench](args)
+    return benches[args.bench].main(args)
 
 
 if __name__ == "__main__":

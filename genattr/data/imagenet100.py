@@ -1,0 +1,115 @@
+"""ImageNet100 (Kaggle ``ambityga/imagenet100``, merged) for continual forgetting.
+
+Layout: ``<root>/{train,test}/<wnid>/*.JPEG`` plus ``<root>/imagenet_folder_names.txt``
+listing all 1000 ImageNet wnids in the standard index order. That file is required:
+it is how the 1000-way ImageNet head is sliced to these 100 classes
+(``protocol.info['imagenet_ids']``). Preprocessing is Resize(256) -> CenterCrop(224) ->
+ImageNet mean/std for train and test alike, as the original.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchvision.transforms import v2
+
+from genattr.data.faces import twin_root
+from genattr.data.forgetting import (
+    ForgettingProtocol,
+    build_forgetting_protocol,
+    class_folders,
+    read_class_folders,
+)
+from genattr.data.images import BadImageStats, check_bad_image_policy
+from genattr.utils.errors import DataError
+
+log = logging.getLogger(__name__)
+
+FOLDER_NAMES_FILE = "imagenet_folder_names.txt"
+LAYOUT = f"<root>/train/<wnid>/*.JPEG, <root>/test/<wnid>/*.JPEG and <root>/{FOLDER_NAMES_FILE}"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def imagenet_transform(resize: int, crop: int) -> v2.Compose:
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(resize, antialias=True),
+            v2.CenterCrop(crop),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def imagenet_ids(root: Path, classes: list[str]) -> list[int]:
+    """Global ImageNet index of each class folder, from ``imagenet_folder_names.txt``."""
+    path = root / FOLDER_NAMES_FILE
+    if not path.is_file():
+        raise DataError(
+            f"{path} does not exist; ImageNet100 needs the file listing the 1000 ImageNet wnids in index "
+            "order (one per line) to slice the pretrained head"
+        )
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    index = {n: i for i, n in enumerate(names)}
+    unknown = [c for c in classes if c not in index]
+    if unknown:
+        raise DataError(f"{path} does not list the class folder(s) {unknown[:5]}; expected every wnid of train/ in it")
+    return [index[c] for c in classes]
+
+
+def build_imagenet100(
+    *,
+    name: str,
+    root: str | None,
+    resize: int,
+    crop: int,
+    scenario: Mapping[str, Any],
+    on_bad_image: str = "error",
+    twin: Mapping[str, Any] | None = None,
+    cache_dir: str | None = None,
+) -> ForgettingProtocol:
+    """Build the ImageNet100 forgetting scenario (``conf/data/imagenet100.yaml`` ``_target_``)."""
+    check_bad_image_policy(on_bad_image)
+    if root is None:
+        log.warning("data.root is null: using the SYNTHETIC ImageNet100 twin (set data.root for real results)")
+        source, data_root = "twin", twin_root(cache_dir, twin, "imagenet100")
+    else:
+        source, data_root = "real", Path(root).expanduser()
+        if not data_root.is_dir():
+            raise DataError(f"data.root={root} does not exist; expected {LAYOUT}, or data.root=null for the twin")
+    classes = class_folders(data_root, LAYOUT)
+    ids = imagenet_ids(data_root, classes)
+    stats = BadImageStats()
+    transform = imagenet_transform(int(resize), int(crop))
+    sets = {
+        split: read_class_folders(
+            data_root,
+            split=split,
+            classes=classes,
+            min_size=1,
+            on_bad_image=on_bad_image,
+            stats=stats,
+            transform=transform,
+        )
+        for split in ("train", "test")
+    }
+    info: dict[str, Any] = {"imagenet_ids": ids, "resize": int(resize), "crop": int(crop), "layout": "imagenet100"}
+    if source == "twin":
+        info["twin"] = dict(twin or {})
+    return build_forgetting_protocol(
+        name=name,
+        source=source,
+        root=data_root,
+        class_names=classes,
+        train=sets["train"],
+        test=sets["test"],
+        scenario=scenario,
+        stats=stats,
+        extra_info=info,
+    )
