@@ -395,7 +395,7 @@ class AttributionByUnlearning:
             for m, v in results["map"].items():
                 metrics[f"map/{m}"] = v
                 for k in self.recall_ks:
-                    metrics[f"recall@{k}/{m}"] = results["recall"][m][str(k)]
+                    metrics[f"recall_at_{k}/{m}"] = results["recall"][m][str(k)]
         return results, metrics, artifacts
 
     # -- leave-K-out --------------------------------------------------------------------------------
