@@ -1,0 +1,1 @@
+"""Data attribution for text-to-image diffusion models: AbU (attribution by unlearning), baselines, leave-K-out."""

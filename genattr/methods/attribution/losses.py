@@ -1,0 +1,95 @@
+"""Loss sweeps over training images with noise keyed by (image row, timestep).
+
+AbU's score is the *difference* of two sweeps (after unlearning minus before), so both must see the same
+(t, eps) for every image. The original keys the noise by batch id, which silently turns the score into noise
+when the batch size, subset, order or device changes (``specs/unlearning.md`` section 7). Here every eps is
+drawn from its own CPU generator seeded by (seed, row, t): the sweep gives the same numbers whatever the
+subset or order, and on any device. Every forward call has the same shape (the last one is padded), so
+the float32 kernels are the same for every call; a different ``batch_size`` may pick other kernels and move
+the losses by float32 rounding only (~1e-7 relative), far below any score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from genattr.methods.attribution.training import gather_text
+from genattr.models.diffusion import DiffusionModel, ddpm_loss
+
+_ROW_STRIDE = 1_000_003  # > any timestep count, prime: distinct (seed, row, t) give distinct keys
+
+
+def noise_key(seed: int, row: int, t: int) -> int:
+    """The generator seed of the noise for (row, t): a fixed, collision-free function of the three."""
+    return ((int(seed) * 2_147_483_647 + int(row)) * _ROW_STRIDE + int(t)) % (2**63 - 1)
+
+
+def keyed_noise(seed: int, rows: Sequence[int], ts: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+    """Standard normal noise, one draw of ``shape`` per (row, t) pair, independent of the batch it is in."""
+    g = torch.Generator()
+    out = torch.empty((len(rows), *shape))
+    for k, (r, t) in enumerate(zip(rows, ts, strict=False)):
+        g.manual_seed(noise_key(seed, r, t))
+        out[k] = torch.randn(tuple(shape), generator=g)
+    return out
+
+
+def strided_timesteps(num_train_timesteps: int, samples: int) -> list[int]:
+    """``arange(0, T, T // samples)`` as the original (t = 0, 50, ..., 950 for 20 samples)."""
+    stride = max(1, num_train_timesteps // int(samples))
+    return list(range(0, num_train_timesteps, stride))[: int(samples)]
+
+
+@torch.no_grad()
+def loss_sweep(
+    model: DiffusionModel,
+    latents: np.ndarray,
+    text: np.ndarray,
+    rows: Sequence[int],
+    timesteps: Sequence[int],
+    *,
+    seed: int,
+    batch_size: int = 512,
+    captions: Sequence[int] | None = None,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """Mean DDPM loss of each latent row over ``timesteps`` and ``captions`` (default: all), float64.
+
+    ``latents`` rows index [0, 2N) (flipped rows share the text of ``row % N``); evaluation is in eval
+    mode without autocast, so the numbers depend only on the weights, the rows and the seed.
+    """
+    rows = [int(r) for r in rows]
+    caps = list(range(text.shape[1])) if captions is None else [int(c) for c in captions]
+    jobs = [(k, r, c, t) for k, r in enumerate(rows) for c in caps for t in timesteps]
+    total = np.zeros(len(rows), dtype=np.float64)
+    unet = model.unet
+    was_training = unet.training
+    unet.eval()
+    ac = model.alphas_cumprod.to(device)
+    shape = latents.shape[1:]
+    for start in range(0, len(jobs), int(batch_size)):
+        chunk = jobs[start : start + int(batch_size)]
+        k = np.array([j[0] for j in chunk])
+        r = np.array([j[1] for j in chunk])
+        c = np.array([j[2] for j in chunk])
+        t = torch.tensor([j[3] for j in chunk])
+        eps = keyed_noise(seed, r, t.tolist(), shape)
+        x0 = torch.from_numpy(np.asarray(latents[r], dtype=np.float32))
+        cond = gather_text(text, r, c)
+        pad = int(batch_size) - len(chunk) if len(jobs) > int(batch_size) else 0
+        if pad:  # every forward call has the same shape, so kernels (and roundings) do not change with the tail
+            x0, cond, eps = (torch.cat([v, v[:1].expand(pad, *v.shape[1:])]) for v in (x0, cond, eps))
+            t = torch.cat([t, t[:1].expand(pad)])
+        per = ddpm_loss(unet, ac, x0.to(device), cond.to(device), t.to(device), eps.to(device))[: len(chunk)]
+        np.add.at(total, k, per.double().cpu().numpy())
+    unet.train(was_training)
+    return total / (len(caps) * len(timesteps))
+
+
+def max_over_flips(values: np.ndarray) -> np.ndarray:
+    """(2N,) scores of unflipped then flipped rows -> (N,) max of the two (the paper's treatment)."""
+    n = values.shape[0] // 2
+    return np.maximum(values[:n], values[n:])

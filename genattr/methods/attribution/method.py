@@ -1,0 +1,538 @@
+"""``method=unlearn``: attribution by unlearning (AbU) with its baselines and the leave-K-out evaluation.
+
+Stages, each ending in a checkpoint (``resume=auto`` continues after the last one):
+
+0. Fisher (from the data's Fisher file or computed), the pre-unlearning loss sweep, and the baselines
+   (random, pixel cosine, text similarity, one-step influence) for every query;
+1..Q. one stage per query: unlearn it, sweep the training losses again, score tau = after - before
+   (max over flips), restore the weights;
+Q+1... one stage per leave-K-out retrain (reference, random-K floor, positive control, each method's top-K).
+
+Per-query scores live in ``<output>/scores/query_XXXX.npz``; the Fisher and the pre-unlearning losses in
+``<output>/state/``, so a resumed run reads them instead of recomputing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from genattr.data.mscoco import AttributionProtocol
+from genattr.methods.attribution import baselines as bl
+from genattr.methods.attribution.leave_k_out import QueryProbe, RetrainCache, deltas
+from genattr.methods.attribution.losses import loss_sweep, max_over_flips, strided_timesteps
+from genattr.methods.attribution.plots import plot_delta_vs_k, plot_query_grid
+from genattr.methods.attribution.training import recipe_from_trainer
+from genattr.methods.attribution.unlearning import (
+    diagonal_fisher,
+    precondition,
+    query_gradient,
+    restore,
+    select_parameters,
+    snapshot,
+    unlearn,
+)
+from genattr.methods.base import Report, RunContext
+from genattr.metrics.attribution import (
+    average_precision,
+    clears_floor,
+    grade_against_random,
+    mean_se,
+    positive_ranks,
+    ranking,
+    recall_at_k,
+)
+from genattr.models.diffusion import DiffusionModel, build_diffusion, load_unet_weights
+from genattr.utils.errors import ConfigError, DataError
+from genattr.utils.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+BASELINES = ("random", "pixel", "text", "influence")
+
+
+def _model_cfg(model: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "unet": dict(model["unet"]),
+        "scheduler": dict(model.get("scheduler", {})),
+        "seed": int(model.get("init_seed", 0)),
+    }
+
+
+def _load_fisher(path: Path, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    try:
+        raw = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any parse failure is a bad file
+        raise DataError(f"{path} is not a readable Fisher file (dict name -> diagonal tensor): {err}") from err
+    missing = [n for n in names if n not in raw]
+    if missing:
+        raise DataError(f"{path} has no Fisher for {len(missing)} selected parameters (e.g. {missing[0]})")
+    return {n: raw[n].double() for n in names}
+
+
+class AttributionByUnlearning:
+    """AbU (Wang et al., NeurIPS 2024) on a ``attribution`` protocol; see ``conf/method/unlearn.yaml``."""
+
+    supports = ("attribution",)
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        model: Mapping[str, Any],
+        trainer: Mapping[str, Any],
+        weights: str = "cross_attn_kv",
+        unlearn: Mapping[str, Any],
+        fisher: Mapping[str, Any],
+        sweep: Mapping[str, Any],
+        baselines: Sequence[str] = BASELINES,
+        influence: Mapping[str, Any] | None = None,
+        queries: Sequence[int] | None = None,
+        recall_ks: Sequence[int] = (10,),
+        plot_top_k: int = 8,
+        evaluation: Mapping[str, Any] | None = None,
+        noise_seed: int = 0,
+        cache_dir: str | None = None,
+    ) -> None:
+        self.name = name
+        if "unet" not in model:
+            raise ConfigError("method=unlearn needs a diffusion model config with model.unet (e.g. model=unet_mscoco)")
+        self.model_cfg = _model_cfg(model)
+        self.recipe = recipe_from_trainer(trainer)
+        self.weights = weights
+        self.unlearn_cfg, self.fisher_cfg, self.sweep_cfg = dict(unlearn), dict(fisher), dict(sweep)
+        unknown = sorted(set(baselines) - set(BASELINES))
+        if unknown:
+            raise ConfigError(f"method.baselines has unknown entries {unknown}; valid: {list(BASELINES)}")
+        self.baselines = list(baselines)
+        self.influence_cfg = dict(influence or {})
+        self.queries = None if queries is None else [int(q) for q in queries]
+        self.recall_ks = [int(k) for k in recall_ks]
+        self.plot_top_k = int(plot_top_k)
+        self.eval_cfg = dict(evaluation or {})
+        self.noise_seed = int(noise_seed)
+        self.cache_dir = Path(cache_dir or ".cache").expanduser()
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _theta0(self, protocol: AttributionProtocol, device: torch.device) -> DiffusionModel:
+        model = build_diffusion(**self.model_cfg)
+        load_unet_weights(model.unet, protocol.unet_weights)
+        model.unet.to(device)
+        return model
+
+    def _sweep(self, model: DiffusionModel, protocol: AttributionProtocol, device: torch.device) -> np.ndarray:
+        ts = strided_timesteps(model.num_timesteps, int(self.sweep_cfg["time_samples"]))
+        return loss_sweep(
+            model,
+            protocol.train_latents,
+            protocol.train_text,
+            range(protocol.train_latents.shape[0]),
+            ts,
+            seed=self.noise_seed,
+            batch_size=int(self.sweep_cfg["batch_size"]),
+            device=device,
+        )
+
+    def _query(self, protocol: AttributionProtocol, q: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return (
+            torch.from_numpy(protocol.query_latents[q]).to(device),
+            torch.from_numpy(protocol.query_text[q, 0]).to(device),
+        )
+
+    def _save(self, ctx: RunContext, task: int, stage: str, extra: dict[str, Any] | None = None) -> None:
+        state = {
+            "task": task,
+            "stage": stage,
+            "mlflow_run_id": getattr(ctx.tracker, "run_id", None),
+            "config_fingerprint": ctx.config_fingerprint,
+            **(extra or {}),
+        }
+        if ctx.accelerator.is_main_process:
+            ctx.checkpoints.save(task, lambda folder: None, state)
+        ctx.accelerator.wait_for_everyone()
+
+    def _stop(self, ctx: RunContext, task: int) -> bool:
+        return ctx.stop_after_task is not None and task >= int(ctx.stop_after_task)
+
+    # -- stage 0 ----------------------------------------------------------------------------------
+    def _prepare(self, protocol, model, names, queries, ctx, device, state_dir: Path) -> None:
+        t0 = time.perf_counter()
+        if protocol.fisher is not None and self.fisher_cfg.get("source", "auto") in ("auto", "file"):
+            fisher = _load_fisher(protocol.fisher, names)
+            log.info("Fisher read from %s", protocol.fisher)
+        elif self.fisher_cfg.get("source", "auto") == "file":
+            raise DataError("method.fisher.source=file but the data folder has no Fisher file (fisher_info.*)")
+        else:
+            fisher = diagonal_fisher(
+                model,
+                protocol.train_latents,
+                protocol.train_text,
+                names,
+                epochs=int(self.fisher_cfg["epochs"]),
+                batch_size=int(self.fisher_cfg["batch_size"]),
+                seed=self.noise_seed + 1,
+                device=device,
+            )
+        fisher_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        before = self._sweep(model, protocol, device)
+        sweep_s = time.perf_counter() - t0
+        scores: dict[str, np.ndarray] = {}
+        n = protocol.n_train
+        if "random" in self.baselines:
+            scores["random"] = np.stack([bl.random_scores(n, self.noise_seed * 7919 + q) for q in queries])
+        if "pixel" in self.baselines:
+            scores["pixel"] = np.stack(
+                [bl.pixel_cosine(protocol.query_latents[q], protocol.train_latents) for q in queries]
+            )
+        if "text" in self.baselines:
+            scores["text"] = np.stack(
+                [bl.text_similarity(protocol.query_text[q], protocol.train_text) for q in queries]
+            )
+        if "influence" in self.baselines:
+            dirs = [
+                precondition(
+                    query_gradient(
+                        model,
+                        names,
+                        *self._query(protocol, q, device),
+                        draws=int(self.unlearn_cfg["draws"]),
+                        batch_size=int(self.unlearn_cfg["batch_size"]),
+                        seed=q,
+                    ),
+                    fisher,
+                    float(self.unlearn_cfg["damping"]),
+                )
+                for q in queries
+            ]
+            stacked = {nm: torch.stack([d[nm] for d in dirs]) for nm in names}
+            ts = strided_timesteps(model.num_timesteps, int(self.influence_cfg.get("time_samples", 4)))
+            scores["influence"] = bl.influence_scores(
+                model,
+                names,
+                stacked,
+                protocol.train_latents,
+                protocol.train_text,
+                ts,
+                seed=self.noise_seed,
+                batch_size=int(self.influence_cfg.get("batch_size", 64)),
+                device=device,
+            )
+        if ctx.accelerator.is_main_process:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in fisher.items()}, str(state_dir / "fisher.safetensors"))
+            np.save(state_dir / "pretrain_loss.npy", before)
+            np.savez(state_dir / "baselines.npz", queries=np.asarray(queries), **scores)
+            atomic_write_json(state_dir / "timing.json", {"fisher_s": fisher_s, "sweep_s": sweep_s})
+        ctx.tracker.log_metrics({"time/fisher_s": fisher_s, "time/sweep_s": sweep_s}, step=0)
+
+    # -- the run ----------------------------------------------------------------------------------
+    def run(self, protocol: AttributionProtocol, ctx: RunContext) -> Report:
+        acc = ctx.accelerator
+        device = acc.device
+        out = ctx.output_dir
+        state_dir, score_dir = out / "state", out / "scores"
+        queries = list(range(protocol.n_queries)) if self.queries is None else self.queries
+        bad = [q for q in queries if not 0 <= q < protocol.n_queries]
+        if bad:
+            raise ConfigError(f"method.queries has {bad} outside the {protocol.n_queries} queries of the data")
+        model = self._theta0(protocol, device)
+        names = select_parameters(model.unet, self.weights)
+        n_sel = sum(dict(model.unet.named_parameters())[n].numel() for n in names)
+        log.info("AbU on %d %s parameters (%d tensors), %d queries", n_sel, self.weights, len(names), len(queries))
+        start = self._resume(ctx)
+        if start == 0:
+            self._prepare(protocol, model, names, queries, ctx, device, state_dir)
+            self._save(ctx, 0, "prepare")
+            if self._stop(ctx, 0):
+                return Report({}, {}, summary="stopped after the Fisher stage", completed=False)
+            start = 1
+        fisher = {k: v.double() for k, v in load_file(str(state_dir / "fisher.safetensors")).items()}
+        before = np.load(state_dir / "pretrain_loss.npy")
+        timing = json.loads((state_dir / "timing.json").read_text())
+        n_train = int(self.unlearn_cfg.get("n_train") or protocol.n_train)
+        for j, q in enumerate(queries):
+            task = j + 1
+            if task < start:
+                continue
+            t0 = time.perf_counter()
+            saved = snapshot(model, names)
+            x0, cond = self._query(protocol, q, device)
+            unlearn(
+                model,
+                names,
+                fisher,
+                x0,
+                cond,
+                alpha=float(self.unlearn_cfg["alpha"]),
+                n_train=n_train,
+                steps=int(self.unlearn_cfg["steps"]),
+                draws=int(self.unlearn_cfg["draws"]),
+                batch_size=int(self.unlearn_cfg["batch_size"]),
+                damping=float(self.unlearn_cfg["damping"]),
+                seed=q,
+            )
+            unlearn_s = time.perf_counter() - t0
+            after = self._sweep(model, protocol, device)
+            restore(model, saved)
+            tau = max_over_flips(after - before)
+            secs = time.perf_counter() - t0
+            if acc.is_main_process:
+                score_dir.mkdir(parents=True, exist_ok=True)
+                np.savez(score_dir / f"query_{q:04d}.npz", tau=tau, seconds=secs, unlearn_seconds=unlearn_s)
+            ctx.tracker.log_metrics(
+                {"query/seconds": secs, "query/tau_mean": float(tau.mean()), "query/tau_max": float(tau.max())},
+                step=task,
+            )
+            log.info("query %d: %.1fs, tau mean %.3g max %.3g", q, secs, tau.mean(), tau.max())
+            self._save(ctx, task, "query", {"query": q})
+            if self._stop(ctx, task):
+                return Report({}, {}, summary=f"stopped after query {q}", completed=False)
+        scores = self._collect(queries, state_dir, score_dir)
+        results, metrics, artifacts = self._retrieval(protocol, queries, scores, out)
+        results["timing"] = {
+            **timing,
+            "query_seconds_mean": float(
+                np.mean([float(np.load(score_dir / f"query_{q:04d}.npz")["seconds"]) for q in queries])
+            ),
+        }
+        results["weights"] = {"subset": self.weights, "n_params": n_sel, "n_tensors": len(names)}
+        completed = True
+        if self.eval_cfg.get("enabled", False):
+            lko, lko_metrics, lko_art, completed = self._leave_k_out(
+                protocol, model, queries, scores, ctx, first_task=len(queries) + 1
+            )
+            results["leave_k_out"] = lko
+            metrics.update(lko_metrics)
+            artifacts += lko_art
+        results.update(
+            {
+                "method": self.name,
+                "data": protocol.name,
+                "data_source": protocol.source,
+                "seed": ctx.seed,
+                "queries": queries,
+            }
+        )
+        summary = " ".join(f"mAP[{m}]={v:.3f}" for m, v in results.get("map", {}).items())
+        return Report(metrics, results, artifacts, summary=summary or "AbU scores written", completed=completed)
+
+    def _resume(self, ctx: RunContext) -> int:
+        found = ctx.checkpoints.latest()
+        if found is None:
+            return 0
+        folder, state = found
+        if state.get("config_fingerprint") != ctx.config_fingerprint:
+            raise ConfigError(
+                f"the checkpoint {folder} was written with other settings; continue it with the same "
+                "overrides, or start fresh with resume=never (or another hydra.run.dir)."
+            )
+        log.warning("resuming after checkpoint %s (stage %s)", folder.name, state.get("stage"))
+        ctx.tracker.log_metrics({"resume/from_task": float(state["task"])}, step=int(state["task"]))
+        return int(state["task"]) + 1
+
+    def _collect(self, queries: list[int], state_dir: Path, score_dir: Path) -> dict[str, np.ndarray]:
+        base = np.load(state_dir / "baselines.npz")
+        out = {"unlearn": np.stack([np.load(score_dir / f"query_{q:04d}.npz")["tau"] for q in queries])}
+        out.update({k: base[k] for k in self.baselines})
+        return out
+
+    # -- retrieval metrics, plots -------------------------------------------------------------------
+    def _retrieval(self, protocol, queries, scores, out: Path) -> tuple[dict, dict[str, float], list[Path]]:
+        gt = protocol.ground_truth or {}
+        per_query, artifacts = [], []
+        aps: dict[str, list[float]] = {m: [] for m in scores}
+        recalls: dict[str, dict[int, list[float]]] = {m: {k: [] for k in self.recall_ks} for m in scores}
+        for j, q in enumerate(queries):
+            entry: dict[str, Any] = {"query": q, "ground_truth": gt.get(q)}
+            if protocol.query_captions:
+                entry["prompt"] = protocol.query_captions[q]
+            tops = {}
+            for m, s in scores.items():
+                order = ranking(s[j])
+                tops[m] = order[: self.plot_top_k].tolist()
+                row: dict[str, Any] = {"top": order[:10].tolist()}
+                if m == "unlearn":
+                    row["tau"] = {
+                        "mean": float(s[j].mean()),
+                        "std": float(s[j].std()),
+                        "max": float(s[j].max()),
+                        "min": float(s[j].min()),
+                    }
+                if q in gt:
+                    row["gt_ranks"] = positive_ranks(order, gt[q])
+                    row["ap"] = average_precision(order, gt[q])
+                    aps[m].append(row["ap"])
+                    for k in self.recall_ks:
+                        row[f"recall@{k}"] = recall_at_k(order, gt[q], k)
+                        recalls[m][k].append(row[f"recall@{k}"])
+                entry[m] = row
+            per_query.append(entry)
+            artifacts.append(
+                plot_query_grid(
+                    protocol.query_latents[q],
+                    tops,
+                    protocol.train_latents,
+                    out / "plots" / f"query_{q:04d}.png",
+                    positives=gt.get(q, ()),
+                    title=entry.get("prompt", f"query {q}"),
+                )
+            )
+        results: dict[str, Any] = {"per_query": per_query}
+        metrics: dict[str, float] = {}
+        if any(aps.values()):
+            results["map"] = {m: float(np.mean(v)) for m, v in aps.items()}
+            results["map_se"] = {m: mean_se(v)[1] for m, v in aps.items()}
+            results["recall"] = {m: {str(k): float(np.mean(v)) for k, v in r.items()} for m, r in recalls.items()}
+            results["n_ground_truth_queries"] = len(next(iter(aps.values())))
+            for m, v in results["map"].items():
+                metrics[f"map/{m}"] = v
+                for k in self.recall_ks:
+                    metrics[f"recall_at_{k}/{m}"] = results["recall"][m][str(k)]
+        return results, metrics, artifacts
+
+    # -- leave-K-out --------------------------------------------------------------------------------
+    def _leave_k_out(self, protocol, theta0, queries, scores, ctx, first_task: int):
+        cfg = self.eval_cfg
+        gt = protocol.ground_truth or {}
+        eval_q = [q for q in queries if (q in gt or not cfg.get("ground_truth_only", True))]
+        if cfg.get("max_queries"):
+            eval_q = eval_q[: int(cfg["max_queries"])]
+        if not eval_q:
+            raise ConfigError(
+                "method.evaluation found no query to evaluate (no ground truth; set "
+                "method.evaluation.ground_truth_only=false)"
+            )
+        ks = [int(k) for k in cfg["ks"]]
+        methods = [m for m in cfg["methods"] if m != "random"]
+        for m in methods:
+            if m not in scores:
+                raise ConfigError(f"method.evaluation.methods has {m}, which was not scored (see method.baselines)")
+        row = {q: j for j, q in enumerate(queries)}
+        oracle = bool(cfg.get("oracle", True)) and all(q in gt for q in eval_q)
+        rand_ks = sorted(set(ks) | ({len(gt[q]) for q in eval_q} if oracle else set()))
+        n = protocol.n_train
+        # the job list: reference, random-K floor, positive control, each method's top-K
+        jobs: list[tuple[str, Any, int, list[int]]] = [("reference", None, 0, [])]
+        for k in rand_ks:
+            for s in range(int(cfg["random_seeds"])):
+                rng = np.random.default_rng([int(cfg.get("random_seed", 0)), k, s])
+                jobs.append(("random", s, k, sorted(rng.choice(n, k, replace=False).tolist())))
+        if oracle:
+            for q in eval_q:
+                jobs.append(("oracle", q, len(gt[q]), sorted(gt[q])))
+        for m in methods:
+            for q in eval_q:
+                order = ranking(scores[m][row[q]])
+                for k in ks:
+                    jobs.append((m, q, k, sorted(order[:k].tolist())))
+        cache = RetrainCache(
+            self.cache_dir / "unlearn_retrains",
+            self.model_cfg,
+            self.recipe,
+            protocol.train_latents,
+            protocol.train_text,
+            accelerator=ctx.accelerator,
+        )
+        probe = QueryProbe(
+            protocol.query_latents,
+            protocol.query_text,
+            eval_q,
+            time_samples=int(cfg["loss_time_samples"]),
+            ddim_steps=int(cfg["ddim_steps"]),
+            seed=self.noise_seed + 2,
+            num_train_timesteps=theta0.num_timesteps,
+            device=ctx.accelerator.device,
+        )
+        found = ctx.checkpoints.latest()
+        done: dict[str, Any] = dict(found[1].get("lko", {})) if found else {}
+        ref_model = cache.model([])
+        ref = probe.measure(ref_model)
+        theta0_state = theta0.unet.state_dict()
+        same = all(torch.equal(v.cpu(), theta0_state[k].cpu()) for k, v in ref_model.unet.state_dict().items())
+        if not same:
+            log.warning(
+                "the coupled retrain that removes nothing differs from the given theta0 (trained elsewhere "
+                "or with another recipe); Delta L / Delta G are measured against that retrain"
+            )
+        for j, (kind, who, k, removed) in enumerate(jobs):
+            task = first_task + j
+            key = f"{kind}|{who}|{k}"
+            if key in done:
+                continue
+            t0 = time.perf_counter()
+            model = ref_model if not removed else cache.model(removed)
+            dl, dg = deltas(ref, probe.measure(model))
+            done[key] = {
+                "kind": kind,
+                "who": who,
+                "k": k,
+                "removed": removed,
+                "dl": dl.tolist(),
+                "dg": dg.tolist(),
+                "seconds": time.perf_counter() - t0,
+            }
+            self._save(ctx, task, "retrain", {"lko": done})
+            if self._stop(ctx, task):
+                return {"jobs": done}, {}, [], False
+        return (*self._grade(done, eval_q, ks, methods, oracle, gt, same, cache.trained, ctx.output_dir), True)
+
+    def _grade(self, done, eval_q, ks, methods, oracle, gt, same, trained, out: Path):
+        qi = {q: i for i, q in enumerate(eval_q)}
+
+        def random_draws(k: int, what: str) -> list[list[float]]:
+            rs = [v for v in done.values() if v["kind"] == "random" and v["k"] == k]
+            return [[r[what][qi[q]] for r in rs] for q in eval_q]
+
+        table: dict[str, Any] = {}
+        metrics: dict[str, float] = {}
+        curves: dict[str, dict[int, tuple[float, float]]] = {"random": {}}
+        for k in ks:
+            for what in ("dl", "dg"):
+                floor = random_draws(k, what)
+                curves_key = "random"
+                if what == "dl":
+                    curves[curves_key][k] = mean_se([np.mean(f) for f in floor])
+                for m in methods:
+                    vals = [done[f"{m}|{q}|{k}"][what][qi[q]] for q in eval_q]
+                    g = grade_against_random(vals, floor)
+                    g["clears_floor"] = clears_floor(g)
+                    table.setdefault(m, {}).setdefault(f"k{k}", {})[what] = g
+                    metrics[f"lko/{what}/{m}/k{k}"] = g["mean"]
+                    metrics[f"lko/{what}_gain/{m}/k{k}"] = g["gain_mean"]
+                    if what == "dl":
+                        curves.setdefault(m, {})[k] = (g["mean"], g["se"])
+                metrics[f"lko/{what}/random/k{k}"] = float(np.mean([np.mean(f) for f in floor]))
+        control: dict[str, Any] = {}
+        if oracle:
+            for what in ("dl", "dg"):
+                vals = [done[f"oracle|{q}|{len(gt[q])}"][what][qi[q]] for q in eval_q]
+                floor = [random_draws(len(gt[q]), what)[qi[q]] for q in eval_q]
+                g = grade_against_random(vals, floor)
+                g["clears_floor"] = clears_floor(g)
+                control[what] = g
+                metrics[f"lko/{what}/oracle"] = g["mean"]
+            if not control["dl"]["clears_floor"]:
+                log.warning(
+                    "the positive control (removing the planted exemplars) does not clear the random floor on "
+                    "Delta L: this evaluation cannot rank methods (more queries or a better-trained theta0)"
+                )
+        lko = {
+            "queries": eval_q,
+            "ks": ks,
+            "table": table,
+            "positive_control": control,
+            "valid": bool(control.get("dl", {}).get("clears_floor", True)),
+            "reference_equals_theta0": same,
+            "retrains_run": trained,
+            "jobs": done,
+        }
+        art = [plot_delta_vs_k(curves, out / "plots" / "delta_l_vs_k.png")]
+        return lko, metrics, art

@@ -1,0 +1,158 @@
+"""Train a text-to-image UNet from scratch with Accelerate; the same code trains theta0 and every retrain.
+
+**Coupled retraining.** One random stream (seeded by ``recipe.seed``) draws, for every step, the rows of
+the batch (a permutation of all 2N rows per epoch), the captions, the timesteps and the noise, whatever
+is removed. A removed image keeps its place in the stream with loss weight 0 and the batch loss is the
+weighted mean. Removing nothing therefore reproduces theta0 bit for bit, and any difference between a
+retrain and theta0 is caused by the removal, not by a different noise draw: at twin sizes a fresh seed
+alone moves the loss as much as any removal (``specs/unlearning.md`` 6.3).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel
+
+from genattr.models.diffusion import DiffusionModel, ddpm_loss
+from genattr.utils.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """What shapes a trained model; hashed into the twin and retrain cache keys."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    ema_decay: float = 0.0  # 0 = no weight averaging
+    grad_clip: float = 0.0  # 0 = off
+    seed: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def recipe_from_trainer(trainer: Mapping[str, Any]) -> TrainRecipe:
+    """The ``trainer`` group (``conf/trainer/diffusion.yaml``) as a recipe, with a sentence for bad keys."""
+    opt = trainer.get("optimizer", {})
+    try:
+        recipe = TrainRecipe(
+            epochs=int(trainer["epochs"]),
+            batch_size=int(trainer["batch_size"]),
+            lr=float(opt["lr"]),
+            weight_decay=float(opt.get("weight_decay", 0.0)),
+            warmup_steps=int(trainer.get("schedule", {}).get("warmup_steps", 0)),
+            ema_decay=float(trainer.get("ema_decay", 0.0)),
+            grad_clip=float(trainer.get("grad_clip", 0.0)),
+            seed=int(trainer.get("train_seed", 0)),
+        )
+    except (KeyError, TypeError) as err:
+        raise ConfigError(
+            f"trainer lacks {err} for diffusion training; use trainer=diffusion (epochs, batch_size, optimizer.lr)"
+        ) from err
+    if recipe.epochs < 1 or recipe.batch_size < 1:
+        raise ConfigError(
+            f"trainer.epochs and trainer.batch_size must be >= 1, got {recipe.epochs}/{recipe.batch_size}"
+        )
+    return recipe
+
+
+def gather_text(text: np.ndarray, rows: np.ndarray, captions: np.ndarray) -> torch.Tensor:
+    """Text embeddings of (row, caption) pairs from a possibly memory-mapped (N, captions, L, D) array."""
+    n = text.shape[0]
+    return torch.from_numpy(
+        np.stack([np.asarray(text[r % n, c], dtype=np.float32) for r, c in zip(rows, captions, strict=False)])
+    )
+
+
+def train_coupled(
+    model: DiffusionModel,
+    latents: np.ndarray,
+    text: np.ndarray,
+    recipe: TrainRecipe,
+    *,
+    removed: Iterable[int] = (),
+    accelerator: Accelerator | None = None,
+    on_log: Callable[[int, float, float], None] | None = None,
+    log_every: int = 50,
+) -> dict[str, torch.Tensor]:
+    """Train ``model.unet`` in place on all 2N rows minus ``removed`` images (both flips); return its weights.
+
+    The returned state dict (CPU) holds the EMA weights when ``recipe.ema_decay > 0`` (what every
+    downstream step uses) and the UNet is left holding them too.
+    """
+    acc = accelerator or Accelerator(cpu=True)
+    n_rows, n = latents.shape[0], text.shape[0]
+    keep = np.ones(n, dtype=np.float32)
+    removed = np.asarray(sorted({int(i) for i in removed}), dtype=np.int64)
+    if len(removed) and (removed.min() < 0 or removed.max() >= n):
+        raise ValueError(f"removed indices must lie in [0, {n}), got {removed.min()}..{removed.max()}")
+    keep[removed] = 0.0
+    if keep.sum() == 0:
+        raise ValueError("every training image is removed; nothing to train on")
+    steps_per_epoch = n_rows // recipe.batch_size
+    if steps_per_epoch < 1:
+        raise ConfigError(f"trainer.batch_size={recipe.batch_size} exceeds the {n_rows} training rows")
+    total = recipe.epochs * steps_per_epoch
+    lat = torch.from_numpy(np.asarray(latents, dtype=np.float32))
+    unet = model.unet
+    unet.train()
+    opt = torch.optim.AdamW(unet.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    sched = get_cosine_schedule_with_warmup(opt, recipe.warmup_steps, total)
+    ema = EMAModel(unet.parameters(), decay=recipe.ema_decay) if recipe.ema_decay > 0 else None
+    unet_p, opt, sched = acc.prepare(unet, opt, sched)
+    device = acc.device
+    ac = model.alphas_cumprod.to(device)
+    # the stream lives on the CPU so that theta0 and retrains draw the same numbers on any device
+    gen = torch.Generator().manual_seed(recipe.seed)
+    n_caps, T = text.shape[1], model.num_timesteps
+    rank, world = acc.process_index, acc.num_processes
+    t0, step, running, count = time.perf_counter(), 0, 0.0, 0
+    for _epoch in range(recipe.epochs):
+        perm = torch.randperm(n_rows, generator=gen)
+        for s in range(steps_per_epoch):
+            idx = perm[s * recipe.batch_size : (s + 1) * recipe.batch_size].numpy()
+            t = torch.randint(0, T, (len(idx),), generator=gen)
+            eps = torch.randn((len(idx), *lat.shape[1:]), generator=gen)
+            caps = torch.randint(0, n_caps, (len(idx),), generator=gen).numpy()
+            mine = slice(rank, None, world)  # each process takes its share of the global batch
+            w = torch.from_numpy(keep[idx[mine] % n]).to(device)
+            x0 = lat[idx[mine]].to(device)
+            cond = gather_text(text, idx[mine], caps[mine]).to(device)
+            with acc.autocast():
+                per = ddpm_loss(unet_p, ac, x0, cond, t[mine].to(device), eps[mine].to(device))
+            loss = (per * w).sum() / w.sum().clamp_min(1.0)
+            acc.backward(loss)
+            if recipe.grad_clip > 0:
+                acc.clip_grad_norm_(unet_p.parameters(), recipe.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step(acc.unwrap_model(unet_p).parameters())
+            step += 1
+            if on_log is not None:
+                running, count = running + float(loss.detach()), count + 1
+                if step % log_every == 0 or step == total:
+                    on_log(step, running / count, float(sched.get_last_lr()[0]))
+                    running, count = 0.0, 0
+    net = acc.unwrap_model(unet_p, keep_fp32_wrapper=False)
+    if ema is not None:
+        ema.copy_to(net.parameters())
+    acc.free_memory()
+    log.info("trained %d steps (%d of %d images kept) in %.1fs", total, int(keep.sum()), n, time.perf_counter() - t0)
+    model.unet = net
+    return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}

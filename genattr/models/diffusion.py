@@ -1,0 +1,126 @@
+"""Text-to-image diffusion models from config: a diffusers UNet, its DDPM schedule, the DDPM loss, DDIM sampling.
+
+The MSCOCO model of AbU / JourneyTRAK and the tiny twin UNets differ only in the ``unet`` mapping of
+``conf/model/*.yaml``; everything downstream (training, Fisher, unlearning, loss sweeps) sees a
+``DiffusionModel``. The per-sample loss is written once here so that training, the loss sweeps and the
+per-sample gradients of the Fisher all compute exactly the same quantity.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+
+from genattr.utils.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DiffusionModel:
+    """A conditional UNet and the DDPM noise schedule it was trained with."""
+
+    unet: UNet2DConditionModel
+    scheduler: DDPMScheduler
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.scheduler.alphas_cumprod
+
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+
+def build_unet(unet: Mapping[str, Any]) -> UNet2DConditionModel:
+    """A randomly initialised ``UNet2DConditionModel`` from the ``model.unet`` mapping."""
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(unet).items()}
+    try:
+        return UNet2DConditionModel(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model.unet does not describe a diffusers UNet2DConditionModel: {err}") from err
+
+
+def build_diffusion(
+    *, unet: Mapping[str, Any], scheduler: Mapping[str, Any], seed: int = 0, **_: Any
+) -> DiffusionModel:
+    """Build the model of ``conf/model/unet_*.yaml``; ``seed`` fixes the initial weights (retrains share it)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        net = build_unet(unet)
+    return DiffusionModel(net, DDPMScheduler(**dict(scheduler)))
+
+
+def load_unet_weights(net: torch.nn.Module, path: str | Path) -> None:
+    """Load a UNet state dict (safetensors, or a torch file read with ``weights_only``) strictly."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; expected the UNet state dict (model.safetensors or model.bin)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any parse failure is a bad file
+        raise DataError(f"{path} is not a readable UNet state dict ({type(err).__name__}: {err})") from err
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise DataError(
+            f"{path} does not match model.unet: {len(missing)} missing keys (e.g. {missing[:2]}) and "
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:2]}); pick the model config it was trained with"
+        )
+
+
+def add_noise(alphas_cumprod: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (the DDPM forward process)."""
+    a = alphas_cumprod.to(x0.device, x0.dtype)[t].view(-1, *([1] * (x0.ndim - 1)))
+    return a.sqrt() * x0 + (1 - a).sqrt() * eps
+
+
+def ddpm_loss(
+    unet: torch.nn.Module,
+    alphas_cumprod: torch.Tensor,
+    x0: torch.Tensor,
+    cond: torch.Tensor,
+    t: torch.Tensor,
+    eps: torch.Tensor,
+) -> torch.Tensor:
+    """Per-sample epsilon-prediction loss ||eps_theta(x_t, c, t) - eps||^2 (mean over pixels), shape (B,)."""
+    x_t = add_noise(alphas_cumprod, x0, eps, t)
+    pred = unet(x_t, t, encoder_hidden_states=cond).sample
+    return (pred.float() - eps.float()).pow(2).flatten(1).mean(1)
+
+
+@torch.no_grad()
+def ddim_sample(
+    model: DiffusionModel,
+    cond: torch.Tensor,
+    noise: torch.Tensor,
+    steps: int = 50,
+    eta: float = 0.0,
+) -> torch.Tensor:
+    """Deterministic DDIM (eta 0) from fixed ``noise``: the same noise and prompt give comparable samples."""
+    # clip_sample follows the DDPM config (True by default, as the MSCOCO query generation)
+    sched = DDIMScheduler.from_config(model.scheduler.config, set_alpha_to_one=True)
+    sched.set_timesteps(int(steps))
+    unet = model.unet
+    was_training = unet.training
+    unet.eval()
+    x = noise.clone()
+    for t in sched.timesteps:
+        eps = unet(x, t.expand(x.shape[0]).to(x.device), encoder_hidden_states=cond).sample
+        x = sched.step(eps, t, x, eta=eta).prev_sample
+    unet.train(was_training)
+    return x
+
+
+def count_parameters(net: torch.nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
