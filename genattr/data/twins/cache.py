@@ -34,7 +34,7 @@ def cached_twin(
     ``generate`` fills the folder and returns extra manifest entries; ``params`` must be
     JSON-serialisable and include a generator version, bumped whenever the bytes change.
     """
-    digest = hashlib.sha256(json.dumps(dict(params), sort_keys=True).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(json.dumps(dict(params), sort_keys=True, default=str).encode()).hexdigest()[:12]
     base = Path(cache_dir).expanduser() / kind
     final = base / digest
     if (final / MANIFEST).is_file():

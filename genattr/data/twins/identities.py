@@ -14,24 +14,20 @@ The output is cached by a hash of the parameters and ``GENERATOR_VERSION``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from genattr.utils.errors import ConfigError, DataError
+from genattr.data.twins.cache import MANIFEST, cached_twin
+from genattr.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
-MANIFEST = "twin.json"
 LAYOUTS = ("casia", "imagenet100")
 CASIA_DIRNAME = "faces_webface_112x112_sub100_train_test"
 FOLDER_NAMES_FILE = "imagenet_folder_names.txt"
@@ -140,25 +136,10 @@ def ensure_identity_twin(
         noise=float(noise),
         version=GENERATOR_VERSION,
     )
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-    base = Path(cache_dir).expanduser() / "identity_twin"
-    final = base / digest
-    if not (final / MANIFEST).is_file():
-        if final.exists():
-            raise DataError(f"{final} exists but has no {MANIFEST}; delete it and run again to regenerate the twin")
-        base.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.tmp-", dir=base))
-        try:
-            written = _write(tmp, **{k: v for k, v in params.items() if k != "version"})
-            (tmp / MANIFEST).write_text(json.dumps({"params": params, **written}, indent=1))
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not (final / MANIFEST).is_file():
-                    raise
-                shutil.rmtree(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        log.info("generated the %s identity twin at %s", layout, final)
+    final = cached_twin(
+        cache_dir,
+        "identity_twin",
+        params,
+        lambda tmp: _write(tmp, **{k: v for k, v in params.items() if k != "version"}),
+    )
     return final / json.loads((final / MANIFEST).read_text())["root"]
