@@ -203,15 +203,10 @@ class ForgettingLoop:
         self.acc.wait_for_everyone()
 
     def _restore(self, net: nn.Module) -> int:
-        found = self.ctx.checkpoints.latest()
+        found = self.ctx.checkpoints.latest_for(self.ctx.config_fingerprint)
         if found is None:
             return 0
         folder, state = found
-        if state.get("config_fingerprint") != self.ctx.config_fingerprint:
-            raise ConfigError(
-                f"the checkpoint {folder} was written with other settings; continue it with the same "
-                "overrides, or start fresh with resume=never (or another hydra.run.dir)."
-            )
         if state["task_names"] != self.protocol.task_names:
             raise ConfigError(f"the checkpoint {folder} is for tasks {state['task_names']}, not these.")
         net.load_state_dict(load_file(str(folder / "model.safetensors")))
