@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,12 +18,11 @@ from torchvision.transforms import v2
 
 from genattr.data.forgetting import (
     ForgettingProtocol,
-    build_forgetting_protocol,
     class_folders,
-    read_class_folders,
+    identity_data_root,
+    protocol_from_class_folders,
 )
-from genattr.data.images import BadImageStats, check_bad_image_policy
-from genattr.utils.errors import DataError
+from genattr.data.images import check_bad_image_policy
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +34,6 @@ def face_transform(image_size: int) -> v2.Compose:
     return v2.Compose(
         [v2.ToImage(), v2.Resize((image_size, image_size), antialias=True), v2.ToDtype(torch.float32, scale=True)]
     )
-
-
-def twin_root(cache_dir: str | None, twin: Mapping[str, Any] | None, layout: str) -> Path:
-    """Generate (or reuse) the SynthID twin in ``layout``; lazy import keeps real runs free of it."""
-    import os
-
-    from genattr.data.twins.identities import ensure_identity_twin
-
-    if cache_dir is None:
-        cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "genattr")
-    return ensure_identity_twin(cache_dir, layout=layout, **dict(twin or {}))
 
 
 def build_casia100(
@@ -61,39 +48,17 @@ def build_casia100(
 ) -> ForgettingProtocol:
     """Build the CASIA-100 forgetting scenario (``conf/data/casia100.yaml`` ``_target_``)."""
     check_bad_image_policy(on_bad_image)
-    if root is None:
-        log.warning("data.root is null: using the SYNTHETIC CASIA-100 twin (set data.root for real results)")
-        source, data_root = "twin", twin_root(cache_dir, twin, "casia")
-    else:
-        source, data_root = "real", Path(root).expanduser()
-        if not data_root.is_dir():
-            raise DataError(f"data.root={root} does not exist; expected {LAYOUT}, or data.root=null for the twin")
-    classes = class_folders(data_root, LAYOUT)
-    stats = BadImageStats()
-    transform = face_transform(int(image_size))
-    sets = {
-        split: read_class_folders(
-            data_root,
-            split=split,
-            classes=classes,
-            min_size=1,
-            on_bad_image=on_bad_image,
-            stats=stats,
-            transform=transform,
-        )
-        for split in ("train", "test")
-    }
-    info = {"image_size": int(image_size), "layout": "casia"}
-    if source == "twin":
-        info["twin"] = dict(twin or {})
-    return build_forgetting_protocol(
+    source, data_root = identity_data_root(
+        root, cache_dir=cache_dir, twin=twin, layout="casia", label="CASIA-100", expected=LAYOUT
+    )
+    return protocol_from_class_folders(
         name=name,
         source=source,
-        root=data_root,
-        class_names=classes,
-        train=sets["train"],
-        test=sets["test"],
+        data_root=data_root,
+        classes=class_folders(data_root, LAYOUT),
+        transform=face_transform(int(image_size)),
         scenario=scenario,
-        stats=stats,
-        extra_info=info,
+        on_bad_image=on_bad_image,
+        twin=twin,
+        info={"image_size": int(image_size), "layout": "casia"},
     )

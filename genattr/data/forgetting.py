@@ -261,3 +261,63 @@ def build_forgetting_protocol(
         missing=missing,
         info=info,
     )
+
+
+def identity_data_root(
+    root: str | None, *, cache_dir: str | None, twin: Mapping[str, Any] | None, layout: str, label: str, expected: str
+) -> tuple[str, Path]:
+    """``("real", root)`` after checking it exists, or ``("twin", <generated twin root>)`` when ``root`` is null."""
+    if root is None:
+        log.warning("data.root is null: using the SYNTHETIC %s twin (set data.root for real results)", label)
+        import os
+
+        from genattr.data.twins.identities import ensure_identity_twin
+
+        if cache_dir is None:
+            cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "genattr")
+        return "twin", ensure_identity_twin(cache_dir, layout=layout, **dict(twin or {}))
+    data_root = Path(root).expanduser()
+    if not data_root.is_dir():
+        raise DataError(f"data.root={root} does not exist; expected {expected}, or data.root=null for the twin")
+    return "real", data_root
+
+
+def protocol_from_class_folders(
+    *,
+    name: str,
+    source: str,
+    data_root: Path,
+    classes: list[str],
+    transform: Callable[[Any], Any],
+    scenario: Mapping[str, Any],
+    on_bad_image: str,
+    twin: Mapping[str, Any] | None,
+    info: dict[str, Any],
+) -> ForgettingProtocol:
+    """Read ``train``/``test`` class folders (bad-image policy applied) into a forgetting protocol."""
+    stats = BadImageStats()
+    sets = {
+        split: read_class_folders(
+            data_root,
+            split=split,
+            classes=classes,
+            min_size=1,
+            on_bad_image=on_bad_image,
+            stats=stats,
+            transform=transform,
+        )
+        for split in ("train", "test")
+    }
+    if source == "twin":
+        info = info | {"twin": dict(twin or {})}
+    return build_forgetting_protocol(
+        name=name,
+        source=source,
+        root=data_root,
+        class_names=classes,
+        train=sets["train"],
+        test=sets["test"],
+        scenario=scenario,
+        stats=stats,
+        extra_info=info,
+    )

@@ -17,14 +17,13 @@ from typing import Any
 import torch
 from torchvision.transforms import v2
 
-from genattr.data.faces import twin_root
 from genattr.data.forgetting import (
     ForgettingProtocol,
-    build_forgetting_protocol,
     class_folders,
-    read_class_folders,
+    identity_data_root,
+    protocol_from_class_folders,
 )
-from genattr.data.images import BadImageStats, check_bad_image_policy
+from genattr.data.images import check_bad_image_policy
 from genattr.utils.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -76,40 +75,23 @@ def build_imagenet100(
 ) -> ForgettingProtocol:
     """Build the ImageNet100 forgetting scenario (``conf/data/imagenet100.yaml`` ``_target_``)."""
     check_bad_image_policy(on_bad_image)
-    if root is None:
-        log.warning("data.root is null: using the SYNTHETIC ImageNet100 twin (set data.root for real results)")
-        source, data_root = "twin", twin_root(cache_dir, twin, "imagenet100")
-    else:
-        source, data_root = "real", Path(root).expanduser()
-        if not data_root.is_dir():
-            raise DataError(f"data.root={root} does not exist; expected {LAYOUT}, or data.root=null for the twin")
+    source, data_root = identity_data_root(
+        root, cache_dir=cache_dir, twin=twin, layout="imagenet100", label="ImageNet100", expected=LAYOUT
+    )
     classes = class_folders(data_root, LAYOUT)
-    ids = imagenet_ids(data_root, classes)
-    stats = BadImageStats()
-    transform = imagenet_transform(int(resize), int(crop))
-    sets = {
-        split: read_class_folders(
-            data_root,
-            split=split,
-            classes=classes,
-            min_size=1,
-            on_bad_image=on_bad_image,
-            stats=stats,
-            transform=transform,
-        )
-        for split in ("train", "test")
-    }
-    info: dict[str, Any] = {"imagenet_ids": ids, "resize": int(resize), "crop": int(crop), "layout": "imagenet100"}
-    if source == "twin":
-        info["twin"] = dict(twin or {})
-    return build_forgetting_protocol(
+    return protocol_from_class_folders(
         name=name,
         source=source,
-        root=data_root,
-        class_names=classes,
-        train=sets["train"],
-        test=sets["test"],
+        data_root=data_root,
+        classes=classes,
+        transform=imagenet_transform(int(resize), int(crop)),
         scenario=scenario,
-        stats=stats,
-        extra_info=info,
+        on_bad_image=on_bad_image,
+        twin=twin,
+        info={
+            "imagenet_ids": imagenet_ids(data_root, classes),
+            "resize": int(resize),
+            "crop": int(crop),
+            "layout": "imagenet100",
+        },
     )
