@@ -8,6 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from genattr.config import register_resolvers
+from genattr.tracking.sweep import current_sweep_dir
 from genattr.utils.errors import GenattrError
 
 register_resolvers()
@@ -23,6 +24,10 @@ def main(cfg: DictConfig) -> float | None:
     except GenattrError as err:
         log.debug("error details", exc_info=True)
         log.error("%s", err)
+        if current_sweep_dir() is not None:
+            # in a multirun the error must reach Hydra: it marks this job FAILED (and the sweep table
+            # names the error) instead of SystemExit killing the whole sweep or a SLURM job silently
+            raise
         raise SystemExit(1) from None
     return report.metrics.get("final/aaf")
 

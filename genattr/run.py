@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from genattr.config import apply_twin_profile, check_compatibility, explicit_ove
 from genattr.engine.accelerator import make_accelerator
 from genattr.engine.checkpoint import Checkpointer
 from genattr.methods.base import Report, RunContext
+from genattr.tracking import sweep
 from genattr.tracking.base import NullTracker, Tracker
 from genattr.tracking.mlflow import flatten_params
 from genattr.utils.errors import ConfigError
@@ -27,7 +30,7 @@ from genattr.utils.seed import seed_everything
 log = logging.getLogger(__name__)
 
 #: Keys that do not change results; a checkpoint may be resumed across changes to them.
-_NOT_RESULT_SHAPING = ("resume", "stop_after_task", "paths", "tracking", "tags", "cluster", "task_name")
+_NOT_RESULT_SHAPING = ("resume", "stop_after_task", "paths", "tracking", "tags", "cluster", "task_name", "strict_git")
 
 
 def _hydra_overrides() -> list[str]:
@@ -99,10 +102,19 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Report:
         **git_info(cfg.paths.root_dir),
     } | {f"tag.{t}": "true" for t in cfg.get("tags") or []}
     run_id = found[1].get("mlflow_run_id") if found else None
-    tracker.start(run_name=f"{cfg.task_name}-s{cfg.seed}", tags=tags, params=flatten_params(resolved), run_id=run_id)
+    parent = _parent_run(tracker)
+    tags |= _cluster_tags(accelerator.num_processes)
+    tracker.start(
+        run_name=f"{cfg.task_name}-s{cfg.seed}",
+        tags=tags,
+        params=flatten_params(resolved),
+        run_id=run_id,
+        parent_run_id=parent,
+    )
     try:
         if main:
             out.mkdir(parents=True, exist_ok=True)
+            _write_run_info(out, tracker, tags, overrides, parent, resumed_from=found[0] if found else None)
             atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
             tracker.log_artifact(out / "config.yaml", "config")
             if twin_changes:
@@ -127,6 +139,10 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Report:
         report = method.run(protocol, ctx)
         if main:
             _write_outputs(report, out, tracker)
+    except (SystemExit, KeyboardInterrupt):
+        # preempted / timed out (submitit requeues the job) or stopped by hand: the run continues later
+        tracker.end("KILLED")
+        raise
     except BaseException:
         tracker.end("FAILED")
         raise
@@ -136,6 +152,44 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Report:
         print(f"results: {out / 'results.json'}")
         print(tracker.describe())
     return report
+
+
+def _parent_run(tracker: Tracker) -> str | None:
+    """The sweep's parent MLflow run, when this job belongs to a multirun tracked on the same server."""
+    parent = sweep.read_parent(sweep.current_sweep_dir())
+    if not parent or not parent.get("parent_run_id"):
+        return None
+    if parent.get("tracking_uri") != getattr(tracker, "tracking_uri", None):
+        log.warning("the sweep's parent run lives at %s, not at this job's tracking URI", parent.get("tracking_uri"))
+        return None
+    return str(parent["parent_run_id"])
+
+
+def _cluster_tags(world_size: int) -> dict[str, str]:
+    """Where and how the job ran: SLURM job id, requeue count, number of processes."""
+    tags = {"world_size": str(world_size)}
+    for env, tag in (("SLURM_JOB_ID", "slurm_job_id"), ("SLURM_RESTART_COUNT", "slurm_restart_count")):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    return tags
+
+
+def _write_run_info(
+    out: Path, tracker: Tracker, tags: dict[str, str], overrides: list[str], parent: str | None, resumed_from: Any
+) -> None:
+    """``run_info.json``: the run's MLflow id and provenance, read by the sweep callback and ``make rerun``."""
+    info = {
+        "mlflow_run_id": tracker.run_id,
+        "tracking_uri": getattr(tracker, "tracking_uri", None),
+        "experiment": getattr(tracker, "experiment", None),
+        "parent_run_id": parent,
+        "overrides": overrides,
+        "resumed_from": str(resumed_from) if resumed_from else None,
+        "started_at": time.time(),
+        **{k: v for k, v in tags.items() if k in ("git_sha", "git_dirty", "world_size", "slurm_job_id")},
+        "slurm_restart_count": int(tags.get("slurm_restart_count", 0)),
+    }
+    atomic_write_json(out / sweep.RUN_INFO_FILE, info)
 
 
 def _write_outputs(report: Report, out: Path, tracker: Tracker) -> None:
