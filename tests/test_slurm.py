@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from genattr.report.__main__ import build_report
+
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,6 +97,10 @@ def test_two_by_two_sweep_gives_one_parent_and_four_children(cluster, tmp_path):
         assert child.info.run_id in proc.stdout
     assert "4/4 jobs completed" in proc.stdout
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "sweep")] == ["sweep/summary.txt"]
+    # the ablation report finds the sweep's server and parent run from the sweep dir alone
+    report = build_report(str(tmp_path / "sweep")).read_text()
+    assert "| lorax | cddb_hard | 2 |" in report and "| replay | cddb_hard | 2 |" in report
+    assert "report/report.md" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
 
 
 def test_failed_job_is_failed_in_mlflow_and_in_the_summary(cluster, tmp_path):

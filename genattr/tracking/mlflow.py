@@ -172,6 +172,14 @@ class MLflowTracker:
         self._db_path = _sqlite_path(tracking_uri) if tracking_uri.startswith("sqlite") else None
         if artifact_location is None and self._db_path is not None:
             artifact_location = str(Path(self._db_path).parent / "artifacts")
+        if urlparse(tracking_uri).scheme in ("http", "https") and artifact_location:
+            if urlparse(artifact_location).scheme in ("", "file"):
+                # a tracking server stores artifacts itself (`mlflow server --artifacts-destination`,
+                # see `make mlflow-server`): a local path here would only exist on the submitting host
+                log.debug(
+                    "tracking server %s: artifact_location %s left to the server", tracking_uri, artifact_location
+                )
+                artifact_location = None
         self.artifact_location = _artifact_uri(artifact_location) if artifact_location else None
         self.run_id: str | None = None
         self.experiment_id: str | None = None

@@ -146,3 +146,28 @@ def plot_window_heatmap(
     ax.set_ylabel("after training window")
     ax.set_title(title)
     return _save(fig, path)
+
+
+def plot_ablation_bars(bars: Mapping[tuple[str, str], tuple[float, float]], metric: str, path: str | Path) -> Path:
+    """Grouped bars: one group per dataset, one bar per method, error bar = std over seeds."""
+    datasets = sorted({d for d, _ in bars})
+    methods = sorted({m for _, m in bars})
+    width = 0.8 / max(len(methods), 1)
+    fig = Figure(figsize=(max(4.0, 1.2 * len(datasets) * max(len(methods), 1)), 3.6))
+    ax = fig.add_subplot()
+    x = np.arange(len(datasets))
+    for i, method in enumerate(methods):
+        stats = [bars.get((d, method), (np.nan, 0.0)) for d in datasets]
+        ax.bar(
+            x + (i - (len(methods) - 1) / 2) * width,
+            [s[0] for s in stats],
+            width,
+            yerr=[s[1] for s in stats],
+            capsize=3,
+            label=method,
+        )
+    ax.set_xticks(x, datasets)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} (mean ± std over seeds)")
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -1,0 +1,1 @@
+"""Ablation reports from MLflow: ``python -m genattr.report <sweep dir | experiment name>``."""
