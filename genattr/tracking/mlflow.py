@@ -30,6 +30,9 @@ MAX_KEY_LEN = 250
 PARAMS_PER_BATCH = 100  # MLflow's MAX_PARAMS_TAGS_PER_BATCH
 METRICS_PER_BATCH = 1000  # MLflow's MAX_METRICS_PER_BATCH
 PARENT_TAG = "mlflow.parentRunId"
+#: MLflow 3's UI opens an experiment in its GenAI (traces) view unless told it holds training runs.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
 
 
 def _walk(node: Any, prefix: str, sep: str, out: dict[str, str]) -> None:
@@ -208,7 +211,7 @@ class MLflowTracker:
         if exp is None:
             try:
                 self.experiment_id = self.client.create_experiment(
-                    self.experiment, artifact_location=self.artifact_location
+                    self.experiment, artifact_location=self.artifact_location, tags={EXPERIMENT_KIND: TRAINING_KIND}
                 )
                 return self.experiment_id
             except MlflowException:
