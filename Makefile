@@ -6,12 +6,17 @@ ARGS ?=
 export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
 export MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING ?= false
+# tracking server (make mlflow-server): where it keeps runs and artifacts, and where it listens
+MLFLOW_DIR ?= $(CURDIR)/mlflow-server
+MLFLOW_HOST ?= 127.0.0.1
+MLFLOW_PORT ?= 5000
+MLFLOW_WORKERS ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-full lint format bench mlflow-ui sweep-local cfg clean
+.PHONY: help install demo test test-slurm lint format bench mlflow-ui mlflow-server sweep-local sweep-slurm report rerun cfg clean
 
 help: ## Show this help
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 
 install: $(VENV)/.installed ## Create .venv and install genattr with its dev tools (PyPI wheels)
 
@@ -23,7 +28,7 @@ $(VENV)/.installed: pyproject.toml
 demo: install ## LoRAX on the CDDB-hard twin: accuracy matrix, AA/AAF/BWT, MLflow run (CPU, ~3 min)
 	$(PY) launch.py $(ARGS)
 
-test: install ## Run the test suite (CPU; slurm/gpu tests skip themselves)
+test: install ## Run the test suite (CPU; SLURM / browser / GPU tests skip themselves where those are missing)
 	$(PY) -m pytest -q $(ARGS) || [ $$? -eq 5 ]
 
 lint: install ## ruff lint + format check
@@ -39,6 +44,25 @@ mlflow-ui: install ## MLflow UI on http://127.0.0.1:5000 over the local store (m
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port 5000 --workers 1
 
+mlflow-server: install ## MLflow tracking server for sweeps: SQLite + artifacts in mlflow-server/, 127.0.0.1:5000, 1 worker
+	mkdir -p $(MLFLOW_DIR)
+	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(MLFLOW_DIR)/mlflow.db \
+		--artifacts-destination $(MLFLOW_DIR)/artifacts --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) \
+		--workers $(MLFLOW_WORKERS)
+
+test-slurm: install ## Real-SLURM tests: start the one-node test cluster (root, Debian packages), run them, stop it
+	bash tests/cluster/slurm-up.sh
+	trap 'bash tests/cluster/slurm-down.sh' EXIT; $(PY) -m pytest -q -m slurm $(ARGS)
+
+sweep-slurm: install ## A sweep on your SLURM cluster (ARGS="method=lorax,der seed=0,1,2"); run it in tmux/nohup
+	$(PY) launch.py -m hydra/launcher=slurm $(ARGS)
+
+report: install ## Ablation table + plots from MLflow: SWEEP=<multirun/... dir | experiment name>
+	$(PY) -m genattr.report $(SWEEP) $(ARGS)
+
+rerun: install ## Continue a run in its own dir: RUN=<run dir> (replays .hydra/overrides.yaml, resume=auto)
+	$(PY) -m genattr.rerun $(RUN) $(ARGS)
+
 sweep-local: install ## A small parallel sweep through submitit_local (lorax vs replay, 2 seeds, twin)
 	$(PY) launch.py -m method=lorax,replay seed=0,1 hydra/launcher=local $(ARGS)
 
@@ -47,6 +71,6 @@ cfg: install ## Print the composed config and defaults tree (ARGS="method=der da
 	$(PY) launch.py $(ARGS) --info defaults-tree
 
 clean: ## Remove caches, run outputs and the local MLflow store (keeps .venv)
-	rm -rf .cache logs mlflow.db mlartifacts bench_results .pytest_cache .ruff_cache
+	rm -rf .cache logs mlflow.db mlartifacts bench_results reports .pytest_cache .ruff_cache
 	find multirun -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
 	find . -name __pycache__ -not -path "./$(VENV)/*" -exec rm -rf {} +

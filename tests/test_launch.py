@@ -88,8 +88,13 @@ def test_submitit_local_multirun_gives_one_mlflow_run_and_results_per_job(tmp_pa
     assert combos == {("lorax", 0), ("lorax", 1), ("replay", 0), ("replay", 1)}
     assert len(list((sweep / ".submitit").glob("*"))) >= 4  # submitit job folders with logs
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
-    runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+    every = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+    parents = [r for r in every if r.data.tags.get("genattr.sweep") == "parent"]
+    runs = [r for r in every if r not in parents]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parents[0].info.run_id}
+    assert "4/4 jobs completed" in proc.stdout
     assert {(r.data.tags["method"], r.data.tags["seed"]) for r in runs} == {
         ("lorax", "0"),
         ("lorax", "1"),
