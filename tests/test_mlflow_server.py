@@ -13,7 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from genattr.tracking.mlflow import MLflowTracker
-from tests.mlflow_server import mlflow_server
+from mlflow_server import mlflow_server
 
 ROOT = Path(__file__).resolve().parents[1]
 

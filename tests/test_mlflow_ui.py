@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from genattr.tracking.mlflow import MLflowTracker
-from tests.mlflow_server import mlflow_server
+from mlflow_server import mlflow_server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
