@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from mlflow_server import mlflow_server
 
 from genattr.tracking.mlflow import MLflowTracker
-from mlflow_server import mlflow_server
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from mlflow_server import mlflow_server
 
 from genattr.tracking.mlflow import MLflowTracker
-from mlflow_server import mlflow_server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
