@@ -3,6 +3,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
+# pytest-xdist workers for `make test` (one single-threaded torch process per core; 0 = no workers)
+TEST_WORKERS ?= auto
 export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
 export MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING ?= false
@@ -29,7 +31,7 @@ demo: install ## LoRAX on the CDDB-hard twin: accuracy matrix, AA/AAF/BWT, MLflo
 	$(PY) launch.py $(ARGS)
 
 test: install ## Run the test suite (CPU; SLURM / browser / GPU tests skip themselves where those are missing)
-	$(PY) -m pytest -q $(ARGS) || [ $$? -eq 5 ]
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS) || [ $$? -eq 5 ]
 
 lint: install ## ruff lint + format check
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
