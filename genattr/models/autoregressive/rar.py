@@ -137,7 +137,9 @@ class RARGenerator(nn.Module):
         """Class index → token id (class + V + 1); the null class lands on the last row."""
         return labels + self.codebook_size + 1
 
-    def forward_fn(self, tokens: torch.Tensor, cond_ids: torch.Tensor, orders: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def forward_fn(
+        self, tokens: torch.Tensor, cond_ids: torch.Tensor, orders: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits [B, n + 1, V]: position j (the condition token for j = 0) predicts the j-th token of ``orders``.
 
         ``tokens`` are already in the order ``orders`` [B, L] (training permutation); it permutes the position
@@ -160,7 +162,9 @@ class RARGenerator(nn.Module):
             x = blk(x, mask, c)
         return self.lm_head(self.adaln_before_head(x[:, 1:], c[:, 1:]))
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def forward(
+        self, tokens: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training: (logits [B, L, V], targets [B, L]) with label drop and order permutation (``random_ratio``)."""
         b, n = tokens.shape
         if self.training and self.cond_drop_rate > 0:

@@ -56,8 +56,18 @@ class SelfAttention(nn.Module):
 class AdaLNSelfAttn(nn.Module):
     """Transformer block whose LayerNorm scale/shift and residual gates come from the class embedding."""
 
-    def __init__(self, dim: int, heads: int, *, mlp_ratio: float, eps: float, attn_l2_norm: bool, drop: float,
-                 attn_drop: float, drop_path: float) -> None:  # fmt: skip
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        *,
+        mlp_ratio: float,
+        eps: float,
+        attn_l2_norm: bool,
+        drop: float,
+        attn_drop: float,
+        drop_path: float,
+    ) -> None:
         super().__init__()
         self.C = dim
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -148,7 +158,7 @@ class VARGenerator(nn.Module):
                 drop=drop_rate,
                 attn_drop=attn_drop_rate,
                 drop_path=rates[i],
-            )  # fmt: skip
+            )
             for i in range(depth)
         )
         d = torch.cat([torch.full((p * p,), i) for i, p in enumerate(self.patch_nums)]).view(1, self.L, 1)
@@ -161,7 +171,9 @@ class VARGenerator(nn.Module):
             self.init_weights(init_std)
 
     # ---- weights ----------------------------------------------------------------------------------------
-    def init_weights(self, init_std: float, init_head: float = 0.02, init_adaln: float = 0.5, init_gamma: float = 1e-5) -> None:  # fmt: skip
+    def init_weights(
+        self, init_std: float, init_head: float = 0.02, init_adaln: float = 0.5, init_gamma: float = 1e-5
+    ) -> None:
         """Upstream's init: truncated normals, scaled head, near-zero AdaLN gates (blocks start as identity)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -206,7 +218,9 @@ class VARGenerator(nn.Module):
             x = blk(x, cond, bias)
         return self.head(self.head_nm(x.float(), cond).float()).float()
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self, tokens: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Training logits: labels become the null class with probability ``cond_drop_rate`` (train mode only)."""
         if self.training and self.cond_drop_rate > 0:
             drop = torch.rand(labels.shape, generator=generator, device=labels.device) < self.cond_drop_rate

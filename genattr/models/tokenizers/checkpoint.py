@@ -61,7 +61,7 @@ def _load(model: nn.Module, path: str | Path, what: str) -> nn.Module:
         if wrong:
             parts.append(f"{len(wrong)} with another shape (e.g. {', '.join(wrong[:3])})")
         raise ConfigError(
-            f"{what} checkpoint {path} does not match {type(model).__name__}: {'; '.join(parts)}; check the model config"
+            f"{what} checkpoint {path} does not match {type(model).__name__}: {'; '.join(parts)}; check the model"
         )
     for k in derived:
         state.setdefault(k, own[k])

@@ -108,8 +108,19 @@ class _Level(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, *, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, z_channels: int, in_channels: int,
-                 groups: int, dropout: float, using_sa: bool, using_mid_sa: bool) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        ch: int,
+        ch_mult: tuple[int, ...],
+        num_res_blocks: int,
+        z_channels: int,
+        in_channels: int,
+        groups: int,
+        dropout: float,
+        using_sa: bool,
+        using_mid_sa: bool,
+    ) -> None:
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         in_mult = (1, *ch_mult)
@@ -137,8 +148,19 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, *, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, z_channels: int, in_channels: int,
-                 groups: int, dropout: float, using_sa: bool, using_mid_sa: bool) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        ch: int,
+        ch_mult: tuple[int, ...],
+        num_res_blocks: int,
+        z_channels: int,
+        in_channels: int,
+        groups: int,
+        dropout: float,
+        using_sa: bool,
+        using_mid_sa: bool,
+    ) -> None:
         super().__init__()
         last = len(ch_mult) - 1
         block_in = ch * ch_mult[-1]
@@ -205,7 +227,9 @@ class ResidualQuantizer(nn.Module):
     is both the upstream module name and the contract's method.
     """
 
-    def __init__(self, vocab_size: int, cvae: int, patch_nums: tuple[int, ...], quant_resi: float, share_quant_resi: int) -> None:  # fmt: skip
+    def __init__(
+        self, vocab_size: int, cvae: int, patch_nums: tuple[int, ...], quant_resi: float, share_quant_resi: int
+    ) -> None:
         super().__init__()
         if share_quant_resi < 2:
             raise ConfigError(
