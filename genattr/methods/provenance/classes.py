@@ -75,7 +75,7 @@ def train_classifier(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         hist.append(total / len(images))
     model.eval()
     return hist

@@ -191,7 +191,7 @@ def finetune_inverse_decoder(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         sched.step()
         history.append(total / len(pairs))
         if log_fn is not None:

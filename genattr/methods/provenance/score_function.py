@@ -57,9 +57,14 @@ def fit_score_function(
     noise: float = 0.1,
     hidden: int = 16,
     aggregate: str = "max",
+    balance: bool = True,
     seed: int = 0,
 ) -> tuple[ScoreFunction, list[float]]:
-    """Train one score function on [N, K', L, 2] features with binary targets; returns it and the loss curve."""
+    """Train one score function on [N, K', L, 2] features with binary targets; returns it and the loss curve.
+
+    ``balance`` weights positives and negatives to equal total weight: PRADA trains on 250 + 250 images, while
+    one-vs-rest on this task has ≈8 negatives per positive, which otherwise pushes every score below 0.
+    """
     torch.manual_seed(seed)
     model = ScoreFunction(scales, hidden, aggregate)
     x = torch.as_tensor(feats, dtype=torch.float32)
@@ -67,12 +72,16 @@ def fit_score_function(
     target = y * (1 - smoothing) + 0.5 * smoothing
     std = x.reshape(-1, 2).std(dim=0) * noise  # per feature (ℓ_c, ℓ_u)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    bce = nn.BCEWithLogitsLoss()
+    if balance and 0 < float(y.sum()) < len(y):
+        weight = torch.where(y > 0.5, 0.5 / y.sum(), 0.5 / (len(y) - y.sum()))
+    else:
+        weight = torch.full_like(y, 1.0 / len(y))
     g = torch.Generator().manual_seed(seed)
     history = []
     for _ in range(int(epochs)):
         xin = x + torch.randn(x.shape, generator=g) * std if noise > 0 else x
-        loss = bce(model(xin), target) + weight_penalty * (model.w.abs().sum() - 1) ** 2
+        bce = nn.functional.binary_cross_entropy_with_logits(model(xin), target, weight=weight, reduction="sum")
+        loss = bce + weight_penalty * (model.w.abs().sum() - 1) ** 2
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
