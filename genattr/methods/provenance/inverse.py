@@ -50,6 +50,15 @@ class Pairs:
     def __len__(self) -> int:
         return len(self.images)
 
+    def subset(self, idx: torch.Tensor) -> Pairs:
+        return Pairs(
+            self.images[idx],
+            self.latents[idx],
+            self.tokens[idx],
+            self.classes[idx],
+            [self.variants[int(i)] for i in idx],
+        )
+
     @staticmethod
     def cat(parts: Sequence[Pairs]) -> Pairs:
         return Pairs(

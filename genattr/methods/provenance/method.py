@@ -292,14 +292,11 @@ class ModelTracer:
                 n_hold = int(round(len(p) * float(self.inverse_cfg.get("holdout", 0.1))))
                 perm = torch.randperm(len(p), generator=torch.Generator().manual_seed(self.seed))
                 hold, train = perm[:n_hold], perm[n_hold:]
-                sub = lambda ix: Pairs(
-                    p.images[ix], p.latents[ix], p.tokens[ix], p.classes[ix], [p.variants[i] for i in ix]
-                )  # noqa: E731
-                held = sub(hold) if n_hold else None
+                held = p.subset(hold) if n_hold else None
                 before = inverse_loss(tok, held, batch_size=self.batch_size, device=device) if held else None
                 hist = finetune_inverse_decoder(
                     tok,
-                    sub(train),
+                    p.subset(train),
                     epochs=int(fam_cfg.get("epochs", 10)),
                     lr=float(fam_cfg.get("lr", 5e-5)),
                     batch_size=int(fam_cfg.get("batch_size", 16)),
@@ -602,7 +599,8 @@ class ModelTracer:
         head = results.get("test") or results.get("val") or {}
         summary = (
             f"{self.name} ({self.pipeline}) on {protocol.name} [{protocol.source}]: "
-            f"accuracy {head.get('accuracy', float('nan')):.1f}%, family {head.get('family_accuracy', float('nan')):.1f}%, "
+            f"accuracy {head.get('accuracy', float('nan')):.1f}%, "
+            f"family {head.get('family_accuracy', float('nan')):.1f}%, "
             f"variant|family {head.get('variant_accuracy', float('nan')):.1f}%; submission {out / 'submission.csv'}"
         )
         return Report(metrics, results, artifacts, summary)
