@@ -337,7 +337,7 @@ def build_rarvar(
     )
     if cache_dir is None:
         cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "genattr")
-    folder = twin_mod.ensure_rarvar_twin(cache_dir, **dict(twin or {}))
+    folder = twin_mod.build_rarvar_twin(cache_dir, **dict(twin or {}))
     protocol = load_rarvar(folder, image_size=image_size, models=None, test_labels="test_labels.csv", name=name)
     protocol.source = "twin"
     protocol.info["twin"] = json.loads((folder / "twin.json").read_text())

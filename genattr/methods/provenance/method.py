@@ -111,6 +111,7 @@ class ModelTracer:
         if self.prada_cfg.get("tokens", "greedy_original") not in ("greedy_original", "stage1"):
             raise ConfigError("method.prada.tokens must be greedy_original|stage1")
         self._images: dict[str, torch.Tensor] = {}
+        self._resumed: list[str] = []
 
     # ------------------------------------------------------------------ models and data
     def _tokenizer(self, protocol: TracingProtocol, family: str, device: torch.device) -> Any:
@@ -509,6 +510,7 @@ class ModelTracer:
             state = self._load(found[0])
             done = int(found[1]["task"]) + 1
             log.warning("resume: stages %s already done (%s)", list(stages[:done]), found[0])
+            self._resumed = list(stages[:done])
         else:
             state = {"arrays": {}, "tensors": {}, "meta": {"timings": {}}}
             done = 0
@@ -569,6 +571,7 @@ class ModelTracer:
             "seed": self.seed,
             "class_source": self.class_source,
             "timings_s": state["meta"]["timings"],
+            "resumed_stages": self._resumed,
             "counts": {s: len(protocol.split(s)) for s in SPLITS},
         }
         metrics: dict[str, float] = {}

@@ -85,7 +85,7 @@ def fit_score_function(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        history.append(float(loss))
+        history.append(float(loss.detach()))
     model.eval()
     return model, history
 
