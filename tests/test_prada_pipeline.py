@@ -17,7 +17,7 @@ from PIL import Image
 from prada_fakes import FakeGenerator, write_fake_task
 
 from genattr.config import apply_twin_profile, check_compatibility
-from genattr.data.rarvar import LABELS, load_rarvar, load_png
+from genattr.data.rarvar import LABELS, load_png, load_rarvar
 from genattr.engine.checkpoint import Checkpointer
 from genattr.methods.base import RunContext
 from genattr.methods.provenance.calibration import fit_calibrator
