@@ -125,10 +125,13 @@ class ModelTracer:
     def _generators(self, protocol: TracingProtocol, family: str, device: torch.device) -> Iterator[dict[str, Any]]:
         """The family's four generators, loaded for the block and freed after (real ones are GBs each)."""
         spec = protocol.models[family]
+        tok = self._tokenizer(protocol, family, device)  # VAR generators read the codebook / φ for teacher forcing
         gens = {}
         for v in VARIANTS[family]:
             g = build(OmegaConf.create(spec.generators[v]))
             load_generator_checkpoint(g, spec.generator_checkpoints[v])
+            if hasattr(g, "attach_tokenizer"):
+                g.attach_tokenizer(tok)
             gens[v] = g.to(device).eval().requires_grad_(False)
         try:
             yield gens
