@@ -94,6 +94,7 @@ def test_tracing_metrics_match_hand_computation() -> None:
     assert m["accuracy"] == pytest.approx(100 * 4 / 8)
     # family: var/var, var/var, rar/rar, rar/out, out/out, out/rar, var/rar, rar/rar -> 5 of 8
     assert m["family_accuracy"] == pytest.approx(100 * 5 / 8)
+    assert m["family_accuracy_generated"] == pytest.approx(100 * 4 / 6)  # rows 0, 1, 2, 7 of the 6 generated
     # generated with the right family: rows 0, 1, 2, 7 -> exact in 0, 2, 7
     assert m["variant_accuracy"] == pytest.approx(100 * 3 / 4)
     assert m["outlier_precision"] == pytest.approx(100 * 1 / 2)

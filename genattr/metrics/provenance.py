@@ -20,7 +20,8 @@ def confusion(true: Sequence[str], pred: Sequence[str], labels: Sequence[str] = 
 
 
 def tracing_metrics(true: Sequence[str], pred: Sequence[str]) -> dict[str, float]:
-    """Percentages: ``accuracy`` (9-class), ``family_accuracy`` (var / rar / outlier), ``variant_accuracy``
+    """Percentages: ``accuracy`` (9-class), ``family_accuracy`` (var / rar / outlier), ``family_accuracy_generated``
+    (generated images only: predicted family = true family, an ``outlier`` call counts as wrong), ``variant_accuracy``
     (exact label among generated images whose family was predicted right), ``outlier_precision`` /
     ``outlier_recall`` (outlier as the positive class; 0 when undefined) and the counts behind them."""
     t = np.asarray(list(true), dtype=object)
@@ -36,6 +37,7 @@ def tracing_metrics(true: Sequence[str], pred: Sequence[str]) -> dict[str, float
     return {
         "accuracy": 100.0 * float(np.mean(t == p)) if n else 0.0,
         "family_accuracy": 100.0 * float(np.mean(tf == pf)) if n else 0.0,
+        "family_accuracy_generated": 100.0 * float(np.mean(fam_ok[tf != OUTLIER])) if np.any(tf != OUTLIER) else 0.0,
         "variant_accuracy": 100.0 * float(np.mean(t[fam_ok] == p[fam_ok])) if fam_ok.any() else 0.0,
         "outlier_precision": 100.0 * tp / int(called.sum()) if called.any() else 0.0,
         "outlier_recall": 100.0 * tp / int(pos.sum()) if pos.any() else 0.0,

@@ -422,7 +422,19 @@ class ModelTracer:
                 seed=self.seed,
             )
             cals[f] = cal.to_json()
+            gate = dict(self.s2.get("outlier_gate") or {})
+            if gate.get("enabled", False):
+                g_train = self._gate_score(
+                    state["arrays"][f"s2_{f}_feats_train"], state["arrays"][f"s2_{f}_feats_train"]
+                )
+                cals[f]["gate_threshold"] = float(np.quantile(g_train, float(gate.get("q", 0.02))))
         state["meta"]["calibrators"] = cals
+
+    @staticmethod
+    def _gate_score(feats: np.ndarray, train_feats: np.ndarray) -> np.ndarray:
+        """max over variants of the guided log-likelihood z-scored by the family's train images (higher = generated)."""
+        g, ref = feats[:, :, 2], train_feats[:, :, 2]
+        return np.max((g - ref.mean(0)) / np.maximum(ref.std(0, ddof=1), 1e-12), axis=1)
 
     def _predict_two_stage(self, protocol, state) -> dict[str, list[str]]:
         preds = {}
@@ -434,6 +446,9 @@ class ModelTracer:
                 rows = state["arrays"][f"s2_{f}_rows_{s}"]
                 var = cal.predict(state["arrays"][f"s2_{f}_feats_{s}"]) if len(rows) else np.zeros(0, int)
                 sel = fam[rows] == f
+                if "gate_threshold" in state["meta"]["calibrators"][f] and len(rows):
+                    g = self._gate_score(state["arrays"][f"s2_{f}_feats_{s}"], state["arrays"][f"s2_{f}_feats_train"])
+                    sel &= g >= state["meta"]["calibrators"][f]["gate_threshold"]
                 out[rows[sel]] = [VARIANTS[f][i] for i in var[sel]]
             preds[s] = out.tolist()
         return preds
@@ -550,6 +565,7 @@ class ModelTracer:
             "stage1.quantized_reconstruction": self.s1.get("quantized_reconstruction", False),
             "stage1.threshold": dict(self.s1.get("threshold", {}) or {}),
             "stage2.calibration": self.s2.get("calibration", "logreg"),
+            "stage2.outlier_gate": dict(self.s2.get("outlier_gate") or {}),
             "prada.tokens": self.prada_cfg.get("tokens", "greedy_original"),
             "prada.val_outliers_as_negatives": self.prada_cfg.get("val_outliers_as_negatives", True),
             "prada.threshold": self.prada_cfg.get("threshold", 0.0),
