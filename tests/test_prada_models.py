@@ -44,7 +44,11 @@ VAR_VAE_KEYS = {
     "quantize.quant_resi.qresi_ls.0.weight": (32, 32, 3, 3),
     "quantize.quant_resi.qresi_ls.3.bias": (32,),
 }
-VAR_VAE_ABSENT = ("encoder.down.4.downsample.conv.weight", "decoder.up.0.upsample.conv.weight", "encoder.down.3.attn.0.qkv.weight")  # fmt: skip
+VAR_VAE_ABSENT = (
+    "encoder.down.4.downsample.conv.weight",
+    "decoder.up.0.upsample.conv.weight",
+    "encoder.down.3.attn.0.qkv.weight",
+)
 MASKGIT_KEYS = {
     "encoder.conv_in.weight": (128, 3, 3, 3),
     "encoder.down.2.block.0.conv1.weight": (256, 128, 3, 3),
@@ -94,7 +98,12 @@ RAR_B_KEYS = {
 }
 # published sizes (VAR README: 310M/600M/1.0B/2.0B; RAR README: 261M/461M/955M/1.5B)
 VAR_PARAMS = {16: 310e6, 20: 600e6, 24: 1.0e9, 30: 2.0e9}
-RAR_SIZES = {"b": (768, 24, 3072, 261e6), "l": (1024, 24, 4096, 461e6), "xl": (1280, 32, 5120, 955e6), "xxl": (1408, 40, 6144, 1.5e9)}  # fmt: skip
+RAR_SIZES = {
+    "b": (768, 24, 3072, 261e6),
+    "l": (1024, 24, 4096, 461e6),
+    "xl": (1280, 32, 5120, 955e6),
+    "xxl": (1408, 40, 6144, 1.5e9),
+}
 
 
 def _shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -139,30 +148,65 @@ def test_full_size_generators_match_upstream_sizes() -> None:
 def tiny_var_tok() -> MultiScaleVQ:
     torch.manual_seed(0)
     return MultiScaleVQ(
-        vocab_size=64, z_channels=4, ch=8, ch_mult=(1, 2), num_res_blocks=1, share_quant_resi=2,
-        patch_nums=(1, 2, 4), using_sa=False, norm_groups=4,
-    )  # fmt: skip
+        vocab_size=64,
+        z_channels=4,
+        ch=8,
+        ch_mult=(1, 2),
+        num_res_blocks=1,
+        share_quant_resi=2,
+        patch_nums=(1, 2, 4),
+        using_sa=False,
+        norm_groups=4,
+    )
 
 
 def tiny_rar_tok() -> SingleScaleVQ:
     torch.manual_seed(0)
     return SingleScaleVQ(
-        hidden_channels=8, channel_mult=(1, 2), num_res_blocks=1, z_channels=4, codebook_size=32, image_size=8,
+        hidden_channels=8,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        z_channels=4,
+        codebook_size=32,
+        image_size=8,
         norm_groups=4,
-    )  # fmt: skip
+    )
 
 
 def tiny_var(tok: MultiScaleVQ, **kw) -> VARGenerator:
     torch.manual_seed(1)
-    args = dict(depth=2, embed_dim=32, num_heads=2, vocab_size=64, Cvae=4, patch_nums=(1, 2, 4), num_classes=5,
-                top_k=16, top_p=0.9, cfg=2.0, tokenizer=tok)  # fmt: skip
+    args = dict(
+        depth=2,
+        embed_dim=32,
+        num_heads=2,
+        vocab_size=64,
+        Cvae=4,
+        patch_nums=(1, 2, 4),
+        num_classes=5,
+        top_k=16,
+        top_p=0.9,
+        cfg=2.0,
+        tokenizer=tok,
+    )
     return VARGenerator(**{**args, **kw})
 
 
 def tiny_rar(**kw) -> RARGenerator:
     torch.manual_seed(1)
-    args = dict(hidden_size=32, depth=2, num_heads=2, intermediate_size=64, image_seq_len=16, codebook_size=32,
-                num_classes=5, pos_pad=2, timestep_pad=2, guidance_scale=3.0, guidance_scale_pow=2.0, temperature=1.1)  # fmt: skip
+    args = dict(
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        intermediate_size=64,
+        image_seq_len=16,
+        codebook_size=32,
+        num_classes=5,
+        pos_pad=2,
+        timestep_pad=2,
+        guidance_scale=3.0,
+        guidance_scale_pow=2.0,
+        temperature=1.1,
+    )
     return RARGenerator(**{**args, **kw})
 
 
@@ -196,8 +240,12 @@ def test_checkpoint_loader_strict_and_clear_errors(tmp_path) -> None:
     tok = tiny_var_tok()
     path = tmp_path / "vae.safetensors"
     save_checkpoint(tok, path)
-    fresh = MultiScaleVQ(**{**dict(vocab_size=64, z_channels=4, ch=8, ch_mult=(1, 2), num_res_blocks=1), **dict(
-        share_quant_resi=2, patch_nums=(1, 2, 4), using_sa=False, norm_groups=4)})  # fmt: skip
+    fresh = MultiScaleVQ(
+        **{
+            **dict(vocab_size=64, z_channels=4, ch=8, ch_mult=(1, 2), num_res_blocks=1),
+            **dict(share_quant_resi=2, patch_nums=(1, 2, 4), using_sa=False, norm_groups=4),
+        }
+    )
     load_tokenizer_checkpoint(fresh, path)
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), tok.state_dict().values(), strict=True))
     # released checkpoints are weights-only torch files: same loader
