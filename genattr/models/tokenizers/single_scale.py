@@ -201,7 +201,7 @@ class SingleScaleVQ(nn.Module):
     def tokens_to_latent(self, tokens: torch.Tensor) -> torch.Tensor:
         b, n = tokens.shape
         side = round(n**0.5)
-        return self.quantize.embedding(tokens).view(b, side, side, -1).permute(0, 3, 1, 2).contiguous()
+        return self.quantize.embedding(tokens).view(b, side, side, self.z_channels).permute(0, 3, 1, 2).contiguous()
 
     def decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
         return self.decoder(latent.float()).clamp(0.0, 1.0)
