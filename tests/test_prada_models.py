@@ -321,3 +321,19 @@ def test_optimized_quantization_is_never_worse_than_greedy() -> None:
     assert (quant_loss(tok, f, opt) <= quant_loss(tok, f, greedy) + 1e-7).all()
     plain = optimized_quantize(tok, f, rounds_stop_scale=2, iters=5, keep_best=False)
     assert plain.shape == greedy.shape and plain.max() < 64
+
+
+def test_prada_real_config_composes_and_builds_released_sizes(compose_cfg) -> None:
+    from genattr.models.autoregressive.family import build_model
+
+    cfg = compose_cfg(["model=prada_real"])
+    assert sorted(cfg.model.var.variants) == ["var16", "var20", "var24", "var30"]
+    assert sorted(cfg.model.rar.variants) == ["rarb", "rarl", "rarxl", "rarxxl"]
+    with torch.device("meta"):
+        _check(_shapes(build_model(cfg.model.var.tokenizer)), VAR_VAE_KEYS, VAR_VAE_ABSENT)
+        _check(_shapes(build_model(cfg.model.rar.tokenizer)), MASKGIT_KEYS, MASKGIT_ABSENT)
+        _check(_shapes(build_model(cfg.model.var.variants.var16.generator)), VAR_D16_KEYS)
+        _check(_shapes(build_model(cfg.model.rar.variants.rarb.generator)), RAR_B_KEYS)
+        xxl = build_model(cfg.model.rar.variants.rarxxl.generator)
+    assert abs(sum(p.numel() for p in xxl.parameters()) - 1.5e9) <= 0.02 * 1.5e9
+    assert cfg.model.var.tokenizer_checkpoint == "vae_ch160v4096z32.pth"
