@@ -61,13 +61,15 @@ from genattr.models.tokenizers.checkpoint import save_checkpoint
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 4
 VARIANTS = ("var16", "var20", "var24", "var30", "rarb", "rarl", "rarxl", "rarxxl")
 LABELS = (*VARIANTS, "outlier")
 FAMILY_OF = {v: ("var" if v.startswith("var") else "rar") for v in VARIANTS}
 OUTLIER_KINDS = ("procedural", "unknown_family", "reconstruction")
 
 _VAR = "genattr.models.autoregressive.var.VARGenerator"
+#: weight of the tokenizer cycle term per family (see rarvar_train): only the multi-scale family needs it
+_CYCLE = {"var": 1.0, "rar": 0.0, "unknown": 0.0}
 _RAR = "genattr.models.autoregressive.rar.RARGenerator"
 
 
@@ -194,7 +196,9 @@ def _generate(
         torch.manual_seed(name_seed(seed, "tok", fam))
         tok = build_model(spec)
         steps = tok_steps if fam != "unknown" else max(tok_steps // 2, 1)
-        curve = train_tokenizer(tok, proc, steps=steps, batch=16, lr=3e-3, seed=name_seed(seed, "tok-data", fam))
+        curve = train_tokenizer(
+            tok, proc, steps=steps, batch=16, lr=3e-3, seed=name_seed(seed, "tok-data", fam), cycle=_CYCLE[fam]
+        )
         log.info("rarvar twin: %s tokenizer loss %.4f → %.4f", fam, curve[0], curve[-1])
         toks[fam] = tok.requires_grad_(False)
         if fam != "unknown":
