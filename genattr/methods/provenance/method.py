@@ -637,10 +637,21 @@ class ModelTracer:
             true = np.asarray(protocol.split(s).labels)
             fam = np.asarray([FAMILY_OF[x] for x in true])
             if self.pipeline == "two_stage":
+                kind = self._hidden(protocol, s, "outlier_kind")
                 for f in FAMILIES:
+                    # negatives: the other family + outliers, except reconstructions through f's own autoencoder
+                    # (on-manifold by design: only the likelihood stages can reject them, spec §9.3.7)
+                    keep = np.ones(len(fam), bool)
+                    if kind is not None:
+                        keep = ~(
+                            (np.asarray(kind) == "reconstruction") & (fam == OUTLIER) & self._recon_of(protocol, s, f)
+                        )
                     for sig in ("quant", "comb"):
                         v = state["arrays"][f"s1_{f}_{sig}_{s}"]
-                        d[f"{s}/{sig}_auc_{f}"] = 100 * auroc((fam == f).astype(int), -v)
+                        d[f"{s}/{sig}_auc_{f}"] = 100 * auroc((fam[keep] == f).astype(int), -v[keep])
+                    rec = self._token_recovery(protocol, state, s, f)
+                    if rec is not None:
+                        d[f"{s}/token_recovery_{f}"] = rec
                 # Stage 2 alone: variant accuracy on generated images of the TRUE family
                 for f in FAMILIES:
                     cal = VariantCalibrator.from_json(state["meta"]["calibrators"][f])
@@ -665,6 +676,27 @@ class ModelTracer:
                 if (true == OUTLIER).any() and (true != OUTLIER).any():
                     d[f"{s}/prada_detection_auroc"] = 100 * auroc((true != OUTLIER).astype(int), best)
         return d
+
+    def _recon_of(self, protocol, split: str, family: str) -> np.ndarray:
+        """Outliers reconstructed through ``family``'s autoencoder (metadata ``family`` column), as a mask."""
+        fams = self._hidden(protocol, split, "family")
+        return (
+            np.asarray([x == family for x in fams]) if fams is not None else np.zeros(len(protocol.split(split)), bool)
+        )
+
+    def _token_recovery(self, protocol, state, split: str, family: str) -> float | None:
+        """Share of the sampled tokens recovered by Stage 1 on the family's generated images (twin metadata)."""
+        if protocol.hidden_dir is None or not (protocol.hidden_dir / f"{split}_{family}.safetensors").is_file():
+            return None
+        true_tokens = load_file(str(protocol.hidden_dir / f"{split}_{family}.safetensors"))["tokens"].numpy()
+        rows = self._hidden(protocol, split, "row")
+        labels = protocol.split(split).labels
+        idx = [i for i, lab in enumerate(labels) if FAMILY_OF[lab] == family and int(rows[i] or -1) >= 0]
+        if not idx:
+            return None
+        got = state["arrays"][f"s1_{family}_tokens_{split}"][idx]
+        want = true_tokens[[int(rows[i]) for i in idx]]
+        return 100 * float(np.mean(got == want))
 
     def _histograms(self, protocol, state, out: Path) -> list[Path]:
         paths = []
