@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from omegaconf import OmegaConf
 from PIL import Image
 from prada_fakes import FakeGenerator, write_fake_task
 
 from genattr.config import apply_twin_profile, check_compatibility
-from genattr.data.rarvar import LABELS, load_png, load_rarvar
+from genattr.data.rarvar import LABELS, build_rarvar, load_png, load_rarvar
 from genattr.engine.checkpoint import Checkpointer
 from genattr.methods.base import RunContext
 from genattr.methods.provenance.calibration import fit_calibrator
@@ -34,6 +35,7 @@ from genattr.utils.errors import ConfigError, DataError
 from genattr.utils.instantiate import build
 
 FAM = ("rar", "var")
+BUILD_KEYS = ("name", "root", "image_size", "models", "checkpoint_dir", "test_labels", "twin", "cache_dir")
 
 
 # ---------------------------------------------------------------------------------------------- decision rules
@@ -280,21 +282,28 @@ def test_method_rejects_bad_flags() -> None:
 # ---------------------------------------------------------------------------------------------- configs
 @pytest.mark.parametrize("pipeline", ["two_stage", "one_step"])
 def test_config_composes_for_both_pipelines(compose_cfg, pipeline: str) -> None:
-    overrides = ["method=prada", "data=rarvar", f"method.pipeline={pipeline}", "method.class_source=null"]
+    overrides = ["method=prada", "data=rarvar", f"method.pipeline={pipeline}", "method.class_source=all"]
     cfg = compose_cfg(overrides)
     changes = apply_twin_profile(cfg, {"method", "data", "method.pipeline", "method.class_source"})
     check_compatibility(cfg)
     assert cfg.data.image_size == cfg.data.twin.image_size == 32 and cfg.method.pipeline == pipeline
-    assert cfg.method.class_source == "null"  # command line wins over the twin profile
+    assert cfg.method.class_source == "all"  # command line wins over the twin profile
     assert any(c.startswith("method.prada.epochs") for c in changes)
     tracer = build(cfg.method, model={}, trainer={})
     assert isinstance(tracer, ModelTracer) and tracer.pipeline == pipeline
 
 
-def test_real_data_needs_its_root_and_checkpoints(compose_cfg, tmp_path: Path) -> None:
+def test_real_data_needs_its_root_and_checkpoints(compose_cfg, fake_task: Path, tmp_path: Path) -> None:
     cfg = compose_cfg(["method=prada", "data=rarvar", f"data.root={tmp_path / 'missing'}"])
+    assert cfg.model.var.tokenizer_checkpoint == "vae_ch160v4096z32.pth"  # the method picks model=prada_real
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k in BUILD_KEYS}
     with pytest.raises(DataError, match="does not exist"):
-        build(cfg.data)
+        build_rarvar(**kwargs)
+    # a real folder without the released checkpoint files: ConfigError naming the model key and the file
+    root = _copy(fake_task, tmp_path)
+    shutil.rmtree(root / "checkpoints")
+    with pytest.raises(ConfigError, match=r"model\.rar\.tokenizer_checkpoint=.*maskgit-vqgan-imagenet-f16-256\.bin"):
+        build_rarvar(**{**kwargs, "root": str(root), "image_size": 8})
     bad = compose_cfg(["method=lorax", "data=rarvar"])
     with pytest.raises(ConfigError, match="tracing"):
         check_compatibility(bad)
