@@ -53,7 +53,7 @@ def test_two_stage_traces_the_family(runs) -> None:
     _check_submission(folder, res["counts"]["test"])
     test, diag = res["test"], res["diagnostics"]
     print("two_stage test:", json.dumps(test), json.dumps(diag))
-    assert res["data_source"] == "twin" and list(res["timings_s"]) == ["models", "family", "variant"]
+    assert res["data_source"] == "twin" and set(res["timings_s"]) == {"models", "family", "variant"}
     assert test["family_accuracy_generated"] >= 95.0, test
     assert test["outlier_precision"] >= 80.0, test  # what Stage 1 calls an outlier is one
     for fam in ("rar", "var"):
@@ -67,7 +67,7 @@ def test_one_step_prada_runs_end_to_end(runs) -> None:
     res, folder = runs["one_step"]
     _check_submission(folder, res["counts"]["test"])
     print("one_step test:", json.dumps(res["test"]), json.dumps(res["diagnostics"]))
-    assert list(res["timings_s"]) == ["models", "features", "score_functions"]
+    assert set(res["timings_s"]) == {"models", "features", "score_functions"}
     aurocs = [res["diagnostics"][f"test/prada_own_vs_outlier_auroc_{v}"] for v in LABELS[:8]]
     assert all(0.0 <= a <= 100.0 for a in aurocs)
     assert (folder / "plots" / "scores_rar_test.png").is_file()
