@@ -533,7 +533,8 @@ class ModelTracer:
             state = {"arrays": {}, "tensors": {}, "meta": {"timings": {}}}
             done = 0
             gen_spec = protocol.models["var"].generators["var16"]
-            g = build(OmegaConf.create(gen_spec))
+            with torch.device("meta"):  # only the class count is read: no weights allocated for a 2B model
+                g = build(OmegaConf.create(gen_spec))
             state["meta"]["num_classes"], state["meta"]["null_class"] = int(g.num_classes), int(g.null_class)
             del g
         runners = {
