@@ -124,7 +124,7 @@ def test_token_loglik_and_summaries_match_manual_softmax() -> None:
     assert torch.allclose(ll["cond"], lc) and torch.allclose(ll["guided"], lg.gather(-1, tokens[..., None])[..., 0])
     cands = np.array([[0, 1], [2, 3]])
     feats = summary_features(gen, tokens.numpy(), cands, batch_size=8, device=torch.device("cpu"))
-    assert feats.shape == (2, 4)
+    assert feats.shape == (2, 5) and np.all(feats[:, 4] == 1.0)  # no top-k: every token is in support
     # max aggregation keeps the candidate with the higher guided likelihood; row 1's true class (2) is a candidate
     g2 = token_loglik(gen, tokens[1:], torch.tensor([2]))["guided"].mean()
     g3 = token_loglik(gen, tokens[1:], torch.tensor([3]))["guided"].mean()

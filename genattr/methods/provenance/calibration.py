@@ -27,11 +27,11 @@ CALIBRATIONS = ("zscore", "logreg")
 
 @dataclass
 class VariantCalibrator:
-    """Maps [N, V, 4] summary features of one family to variant indices."""
+    """Maps [N, V, F] summary features (columns of ``SUMMARY_FEATURES``) of one family to variant indices."""
 
     kind: str
     params: dict[str, Any]
-    features: tuple[str, ...] = SUMMARY_FEATURES
+    features: tuple[str, ...] = SUMMARY_FEATURES[:4]
 
     def _cols(self) -> list[int]:
         return [SUMMARY_FEATURES.index(f) for f in self.features]
@@ -65,11 +65,11 @@ def fit_calibrator(
     feats: np.ndarray,
     variant: np.ndarray,
     *,
-    features: Sequence[str] = SUMMARY_FEATURES,
+    features: Sequence[str] = SUMMARY_FEATURES[:4],
     C: float = 1.0,
     seed: int = 0,
 ) -> VariantCalibrator:
-    """Fit on train features [N, V, 4] with the true variant index [N] of each image."""
+    """Fit on train features [N, V, F] with the true variant index [N] of each image."""
     if kind == "zscore":
         g = feats[:, :, SUMMARY_FEATURES.index("logp_guided")]
         return VariantCalibrator(

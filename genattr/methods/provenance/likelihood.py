@@ -22,8 +22,9 @@ import torch
 
 from genattr.models.autoregressive.base import TracedGenerator
 
-#: Summary features per variant (in this order) fed to the Stage 2 calibrators.
-SUMMARY_FEATURES: tuple[str, ...] = ("logp_cond", "logp_uncond", "logp_guided", "rank")
+#: Summary features per variant (in this order) fed to the Stage 2 calibrators. ``support`` is the share of tokens
+#: inside the sampler's top-k / top-p support (VAR; 1 for samplers without truncation), rizvisaira's in-support flag.
+SUMMARY_FEATURES: tuple[str, ...] = ("logp_cond", "logp_uncond", "logp_guided", "rank", "support")
 AGGREGATIONS = ("max", "logmeanexp")
 
 
@@ -45,6 +46,10 @@ def token_loglik(
         true = lg.gather(-1, idx)
         out["guided"] = lg.log_softmax(-1).gather(-1, idx).squeeze(-1)
         out["rank"] = (lg > true).sum(-1).float()
+        if hasattr(gen, "support_mask"):
+            out["support"] = gen.support_mask(lg).gather(-1, idx).squeeze(-1).float()
+        else:
+            out["support"] = torch.ones_like(out["rank"])
     return out
 
 
@@ -66,7 +71,7 @@ def summary_features(
     batch_size: int,
     device: torch.device,
 ) -> np.ndarray:
-    """[N, 4] = (logp_cond, logp_uncond, logp_guided, −log1p(rank)) per-token means, over candidate classes.
+    """[N, 5] = (logp_cond, logp_uncond, logp_guided, −log1p(rank), support) per-token means, over candidate classes.
 
     ``max``: the features of the candidate with the highest guided likelihood; ``logmeanexp``: log-mean-exp of
     the per-image TOTAL log-likelihoods (÷ L), mean rank feature over candidates.
@@ -76,7 +81,7 @@ def summary_features(
     for s in range(0, n, batch_size):
         tok = torch.from_numpy(tokens[s : s + batch_size]).to(device)
         cand = candidates[s : s + batch_size]
-        feats = np.zeros((len(tok), k, 4))
+        feats = np.zeros((len(tok), k, len(SUMMARY_FEATURES)))
         for j in range(k):
             lab = torch.from_numpy(cand[:, j]).to(device)
             ll = token_loglik(gen, tok, lab)
@@ -84,6 +89,7 @@ def summary_features(
             feats[:, j, 1] = ll["uncond"].mean(1).cpu().numpy()
             feats[:, j, 2] = ll["guided"].mean(1).cpu().numpy()
             feats[:, j, 3] = -torch.log1p(ll["rank"]).mean(1).cpu().numpy()
+            feats[:, j, 4] = ll["support"].mean(1).cpu().numpy()
         if aggregate == "max":
             best = feats[:, :, 2].argmax(axis=1)
             out[s : s + len(tok)] = feats[np.arange(len(tok)), best]
@@ -91,7 +97,7 @@ def summary_features(
             length = tokens.shape[1]
             for c in range(3):
                 out[s : s + len(tok), c] = _aggregate(feats[:, :, c] * length, aggregate) / length
-            out[s : s + len(tok), 3] = feats[:, :, 3].mean(axis=1)
+            out[s : s + len(tok), 3:] = feats[:, :, 3:].mean(axis=1)
     return out
 
 
