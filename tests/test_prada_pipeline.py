@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from omegaconf import OmegaConf
 from PIL import Image
-from prada_fakes import FakeGenerator, write_fake_task
+from prada_fakes import FakeGenerator, FakeTokenizer, write_fake_task
 
 from genattr.config import apply_twin_profile, check_compatibility
 from genattr.data.rarvar import LABELS, build_rarvar, load_png, load_rarvar
@@ -24,10 +24,12 @@ from genattr.methods.base import RunContext
 from genattr.methods.provenance.calibration import fit_calibrator
 from genattr.methods.provenance.classes import candidate_classes
 from genattr.methods.provenance.decision import ZScorer, argmax_or_outlier, assign_family, fit_thresholds
-from genattr.methods.provenance.likelihood import scale_slices, summary_features, token_loglik
+from genattr.methods.provenance.inverse import augment, level_at
+from genattr.methods.provenance.likelihood import logmeanexp, scale_slices, summary_features, token_loglik
 from genattr.methods.provenance.method import STAGES, ModelTracer
 from genattr.methods.provenance.outputs import write_submission
 from genattr.methods.provenance.score_function import ScoreFunction, fit_score_function, score
+from genattr.methods.provenance.signals import signals_batch
 from genattr.metrics.detection import auroc
 from genattr.metrics.provenance import confusion, tracing_metrics
 from genattr.tracking.base import NullTracker
@@ -307,3 +309,32 @@ def test_real_data_needs_its_root_and_checkpoints(compose_cfg, fake_task: Path, 
     bad = compose_cfg(["method=lorax", "data=rarvar"])
     with pytest.raises(ConfigError, match="tracing"):
         check_compatibility(bad)
+
+
+# ---------------------------------------------------------------------------------------------- flags
+def test_encloss_reconstruction_flag_and_combined() -> None:
+    tok = FakeTokenizer(seed=1)
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    plain = signals_batch(tok, x, tok.quantize)
+    quant = signals_batch(tok, x, tok.quantize, quantized_reconstruction=True)
+    # quantised reconstruction: the EncLoss numerator IS the fully quantised reconstruction error
+    assert torch.allclose(quant["recon"], quant["qrecon"]) and not torch.allclose(plain["recon"], plain["qrecon"])
+    assert torch.allclose(plain["comb"], plain["quant"] * plain["enc"])
+    fz = tok.tokens_to_latent(plain["tokens"])
+    assert torch.allclose(plain["quant"], (tok.encode_feature(x) - fz).pow(2).flatten(1).mean(1))
+
+
+def test_candidate_aggregation_and_augmentation_schedule() -> None:
+    x = np.log(np.array([[1.0, 3.0], [2.0, 2.0]]))
+    assert logmeanexp(x, axis=1) == pytest.approx(np.log([2.0, 2.0]))
+    sf = ScoreFunction([(0, 4)], aggregate="logmeanexp")
+    feats = torch.randn(5, 3, 4, 2)
+    per = sf.per_candidate(feats)
+    assert torch.allclose(sf(feats), torch.logsumexp(per, 1) - np.log(3))
+    schedule = [["none", 2], ["weak", 1], ["strong", 2]]
+    assert [level_at(e, schedule) for e in range(7)] == ["none", "none", "weak", "strong", "strong", "strong", "strong"]
+    img = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    rng = np.random.default_rng(0)
+    for _ in range(12):  # every transform keeps shape and range
+        out = augment(img, "strong", rng)
+        assert out.shape == img.shape and float(out.min()) >= 0.0 and float(out.max()) <= 1.0
