@@ -9,9 +9,9 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m genattr.bench", description=__doc__)
     sub = parser.add_subparsers(dest="bench", required=True)
-    from genattr.bench import detector, gslora, lorax, unlearn
+    from genattr.bench import detector, gslora, lorax, prada, unlearn
 
-    benches = {"lorax": lorax, "detector": detector, "gslora": gslora, "unlearn": unlearn}
+    benches = {"lorax": lorax, "detector": detector, "gslora": gslora, "unlearn": unlearn, "prada": prada}
     for name, module in benches.items():
         module.add_arguments(sub.add_parser(name, help=module.__doc__.splitlines()[0]))
     args = parser.parse_args(argv)

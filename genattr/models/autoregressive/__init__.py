@@ -1,0 +1,1 @@
+"""Class-conditional autoregressive image generators (VAR next-scale, RAR raster-order) for model tracing."""

@@ -1,0 +1,107 @@
+"""End to end on the model-tracer twin through ``genattr.run``: both pipelines write the submission CSV and
+results.json; the two-stage pipeline reaches its Stage 1 claims on the twin's labelled test split (family of
+generated images ≥ 95%, in-family QuantLoss AUC ≥ 0.95 after the inverse decoder lowered held-out L_inv), and the
+Stage 2 scorer + calibrator separate the variants of a family (≥ 60% given the family, chance 25%) when fed the
+twin's sampled tokens (spec §9.3.5).
+
+What the full pipelines reach in Stage 2 and one-step PRADA on the twin is recorded in results.json / NOTES_prada.md:
+both are capped by the twin's token recovery (≈30-40% of sampled tokens recovered from the PNGs, spec §9.3.2 asks
+≥ 95%), see CONTRACT_CHANGES.md. The twin is built once into GENATTR_CACHE and shared with the twin tests.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose_config
+from safetensors.torch import load_file
+
+from genattr.data.rarvar import FAMILIES, FAMILY_OF, LABELS, VARIANTS, build_rarvar
+from genattr.methods.provenance.calibration import fit_calibrator
+from genattr.methods.provenance.likelihood import summary_features
+from genattr.methods.provenance.method import ModelTracer
+from genattr.run import run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, tuple[dict, Path]]:
+    base = tmp_path_factory.mktemp("e2e_prada")
+    out = {}
+    # two-stage on the default path (top-k classes from the classifier trained on generated pairs); one-step in
+    # PRADA's own c2i setting, where the class label is known (the twin's metadata), which also keeps the test short
+    extra = {"two_stage": [], "one_step": ["method.class_source=oracle"]}
+    for pipeline in ("two_stage", "one_step"):
+        ov = ["method=prada", "data=rarvar", f"method.pipeline={pipeline}", "tracking=none", *extra[pipeline]]
+        folder = base / pipeline
+        run(compose_config(ov, folder), overrides=ov)
+        out[pipeline] = (json.loads((folder / "results.json").read_text()), folder)
+    return out
+
+
+def _check_submission(folder: Path, n_test: int) -> None:
+    rows = list(csv.reader((folder / "submission.csv").open()))
+    assert rows[0] == ["image_name", "label"] and len(rows) == n_test + 1
+    assert len({r[0] for r in rows[1:]}) == n_test
+
+
+def test_two_stage_traces_the_family(runs) -> None:
+    res, folder = runs["two_stage"]
+    _check_submission(folder, res["counts"]["test"])
+    test, diag = res["test"], res["diagnostics"]
+    print("two_stage test:", json.dumps(test), json.dumps(diag))
+    assert res["data_source"] == "twin" and set(res["timings_s"]) == {"models", "family", "variant"}
+    assert test["family_accuracy_generated"] >= 95.0, test
+    assert test["outlier_precision"] >= 80.0, test  # what Stage 1 calls an outlier is one
+    for fam in ("rar", "var"):
+        inv = res["stage_details"]["inverse"][fam]
+        assert inv["heldout_after"] < 0.8 * inv["heldout_before"], inv
+        assert diag[f"test/quant_auc_{fam}"] >= 95.0, diag
+    assert (folder / "plots" / "confusion_test.png").is_file() and (folder / "plots" / "scores_var_test.png").is_file()
+
+
+def test_one_step_prada_runs_end_to_end(runs) -> None:
+    res, folder = runs["one_step"]
+    _check_submission(folder, res["counts"]["test"])
+    print("one_step test:", json.dumps(res["test"]), json.dumps(res["diagnostics"]))
+    assert set(res["timings_s"]) == {"models", "features", "score_functions"}
+    aurocs = [res["diagnostics"][f"test/prada_own_vs_outlier_auroc_{v}"] for v in LABELS[:8]]
+    assert all(0.0 <= a <= 100.0 for a in aurocs)
+    assert (folder / "plots" / "scores_rar_test.png").is_file()
+
+
+def test_stage2_separates_variants_from_the_sampled_tokens(runs) -> None:
+    """Stage 2's guided-likelihood features + logistic regression on the twin's own generators, fed the sampled
+    tokens and classes of the hidden metadata (spec §9.3.5: ≥ 60% size accuracy given the family)."""
+    data_cfg = compose_config(["method=prada", "data=rarvar"], Path("unused")).data
+    protocol = build_rarvar(
+        name="rarvar", root=None, image_size=32, cache_dir=data_cfg.cache_dir, twin=dict(data_cfg.twin)
+    )
+    tracer = ModelTracer(name="prada")
+    device = torch.device("cpu")
+    for fam in FAMILIES:
+        data = {}
+        for split in ("train", "val", "test"):
+            hidden = load_file(str(protocol.hidden_dir / f"{split}_{fam}.safetensors"))
+            rows, labels = tracer._hidden(protocol, split, "row"), protocol.split(split).labels
+            idx = [i for i, lab in enumerate(labels) if FAMILY_OF[lab] == fam]
+            r = [int(rows[i]) for i in idx]
+            truth = np.asarray([VARIANTS[fam].index(labels[i]) for i in idx])
+            data[split] = (hidden["tokens"][r].numpy(), hidden["labels"][r].numpy()[:, None], truth)
+        with tracer._generators(protocol, fam, device) as gens:
+            feats = {
+                s: np.stack(
+                    [summary_features(gens[v], d[0], d[1], batch_size=64, device=device) for v in VARIANTS[fam]], 1
+                )
+                for s, d in data.items()
+            }
+        cal = fit_calibrator("logreg", feats["train"], data["train"][2])
+        held = np.concatenate([cal.predict(feats[s]) == data[s][2] for s in ("val", "test")])
+        print(fam, "stage 2 size accuracy given family from sampled tokens:", 100 * held.mean())
+        assert held.mean() >= 0.6, (fam, held.mean())

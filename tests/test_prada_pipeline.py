@@ -1,0 +1,340 @@
+"""Unit tests of the model-tracer pipeline: decision rules, thresholds, calibrators, score functions, metrics, the
+submission CSV, the task loader's errors, the method on a tiny fake task (both pipelines, resume) and config
+composition of ``method=prada data=rarvar``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from omegaconf import OmegaConf
+from PIL import Image
+from prada_fakes import FakeGenerator, FakeTokenizer, write_fake_task
+
+from genattr.config import apply_twin_profile, check_compatibility
+from genattr.data.rarvar import LABELS, build_rarvar, load_png, load_rarvar
+from genattr.engine.checkpoint import Checkpointer
+from genattr.methods.base import RunContext
+from genattr.methods.provenance.calibration import fit_calibrator
+from genattr.methods.provenance.classes import candidate_classes
+from genattr.methods.provenance.decision import ZScorer, argmax_or_outlier, assign_family, fit_thresholds
+from genattr.methods.provenance.inverse import augment, level_at
+from genattr.methods.provenance.likelihood import logmeanexp, scale_slices, summary_features, token_loglik
+from genattr.methods.provenance.method import STAGES, ModelTracer
+from genattr.methods.provenance.outputs import write_submission
+from genattr.methods.provenance.score_function import ScoreFunction, fit_score_function, score
+from genattr.methods.provenance.signals import signals_batch
+from genattr.metrics.detection import auroc
+from genattr.metrics.provenance import confusion, tracing_metrics
+from genattr.tracking.base import NullTracker
+from genattr.utils.errors import ConfigError, DataError
+from genattr.utils.instantiate import build
+
+FAM = ("rar", "var")
+BUILD_KEYS = ("name", "root", "image_size", "models", "checkpoint_dir", "test_labels", "twin", "cache_dir")
+
+
+# ---------------------------------------------------------------------------------------------- decision rules
+def test_assign_family_argmin_ties_to_rar_and_thresholds() -> None:
+    z = np.array([[0.1, 0.5], [0.9, -0.2], [0.3, 0.3], [3.0, 2.5], [2.0, 5.0]])
+    # row 2 is a tie -> rar; row 3: var wins (2.5) but exceeds var's threshold 2.0 -> outlier;
+    # row 4: rar wins with 2.0 <= rar's threshold 2.0 -> rar (strictly above is an outlier)
+    assert assign_family(z, [2.0, 2.0], FAM) == ["rar", "var", "rar", "outlier", "rar"]
+    assert assign_family(z, [np.inf, np.inf], FAM) == ["rar", "var", "rar", "var", "rar"]
+
+
+def test_zscorer_uses_own_family_train_images_only() -> None:
+    logs = np.array([[1.0, 100.0], [3.0, 200.0], [50.0, 10.0], [70.0, 30.0]])
+    fam = np.array([0, 0, 1, 1])
+    zs = ZScorer.fit(logs, fam, 2)
+    assert zs.mu.tolist() == [2.0, 20.0]
+    assert zs.sigma == pytest.approx([np.std([1, 3], ddof=1), np.std([10, 30], ddof=1)])
+    assert zs(np.array([[2.0, 20.0]])).tolist() == [[0.0, 0.0]]
+    with pytest.raises(ConfigError):
+        ZScorer.fit(logs[:3], np.array([0, 0, 1]), 2)
+
+
+def test_threshold_strategies() -> None:
+    rng = np.random.default_rng(0)
+    train_z = rng.normal(size=(200, 2))
+    train_fam = np.repeat([0, 1], 100)
+    q = fit_thresholds("quantile", families=FAM, train_z=train_z, train_family=train_fam, q=0.9)
+    assert q[0] == pytest.approx(np.quantile(train_z[:100, 0], 0.9))
+    assert q[1] == pytest.approx(np.quantile(train_z[100:, 1], 0.9))
+    assert fit_thresholds("zscore_k", families=FAM, train_z=train_z, train_family=train_fam, k=1.5).tolist() == [
+        1.5,
+        1.5,
+    ]
+    # val: own-family images at z ~ 0 on their own column, outliers far above on both
+    val_z = np.array([[0.0, 5.0], [0.2, 4.0], [5.0, 0.1], [4.0, -0.3], [6.0, 7.0], [8.0, 6.5]])
+    val_fam = ["rar", "rar", "var", "var", "outlier", "outlier"]
+    taus = fit_thresholds(
+        "val_opt", families=FAM, train_z=train_z, train_family=train_fam, val_z=val_z, val_family=val_fam
+    )
+    assert assign_family(val_z, taus, FAM) == val_fam
+    with pytest.raises(ConfigError):
+        fit_thresholds("val_opt", families=FAM, train_z=train_z, train_family=train_fam)
+    with pytest.raises(ConfigError):
+        fit_thresholds("median", families=FAM, train_z=train_z, train_family=train_fam)
+
+
+def test_prada_argmax_with_outlier_floor() -> None:
+    s = np.array([[-1.0, 2.0, 0.5], [-0.1, -0.2, -3.0], [0.3, 0.1, 0.2]])
+    assert argmax_or_outlier(s, ["a", "b", "c"]) == ["b", "outlier", "a"]
+    assert argmax_or_outlier(s, ["a", "b", "c"], floor=0.4) == ["b", "outlier", "outlier"]
+
+
+# ---------------------------------------------------------------------------------------------- metrics, CSV
+def test_tracing_metrics_match_hand_computation() -> None:
+    true = ["var16", "var16", "rarb", "rarl", "outlier", "outlier", "var30", "rarxl"]
+    pred = ["var16", "var20", "rarb", "outlier", "outlier", "rarb", "rarxl", "rarxl"]
+    m = tracing_metrics(true, pred)
+    assert m["accuracy"] == pytest.approx(100 * 4 / 8)
+    # family: var/var, var/var, rar/rar, rar/out, out/out, out/rar, var/rar, rar/rar -> 5 of 8
+    assert m["family_accuracy"] == pytest.approx(100 * 5 / 8)
+    assert m["family_accuracy_generated"] == pytest.approx(100 * 4 / 6)  # rows 0, 1, 2, 7 of the 6 generated
+    # generated with the right family: rows 0, 1, 2, 7 -> exact in 0, 2, 7
+    assert m["variant_accuracy"] == pytest.approx(100 * 3 / 4)
+    assert m["outlier_precision"] == pytest.approx(100 * 1 / 2)
+    assert m["outlier_recall"] == pytest.approx(100 * 1 / 2)
+    c = confusion(true, pred)
+    assert c.sum() == 8 and c[LABELS.index("var16"), LABELS.index("var20")] == 1 and np.trace(c) == 4
+
+
+def test_submission_csv_format(tmp_path: Path) -> None:
+    path = write_submission(tmp_path / "sub.csv", ["b.png", "a.png", "c.png"], ["outlier", "var16", "rarxxl"])
+    rows = list(csv.reader(path.open()))
+    assert rows == [["image_name", "label"], ["a.png", "var16"], ["b.png", "outlier"], ["c.png", "rarxxl"]]
+    with pytest.raises(ValueError, match="not task labels"):
+        write_submission(tmp_path / "bad.csv", ["a.png"], ["real"])
+
+
+# ---------------------------------------------------------------------------------------------- Stage 2 / PRADA
+def test_token_loglik_and_summaries_match_manual_softmax() -> None:
+    gen = FakeGenerator(seed=3)
+    tokens = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    labels = torch.tensor([0, 2])
+    ll = token_loglik(gen, tokens, labels)
+    lc = gen.table[labels].log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+    lg = ((1 + gen.cfg) * gen.table[labels] - gen.cfg * gen.table[4]).log_softmax(-1)
+    assert torch.allclose(ll["cond"], lc) and torch.allclose(ll["guided"], lg.gather(-1, tokens[..., None])[..., 0])
+    cands = np.array([[0, 1], [2, 3]])
+    feats = summary_features(gen, tokens.numpy(), cands, batch_size=8, device=torch.device("cpu"))
+    assert feats.shape == (2, 5) and np.all(feats[:, 4] == 1.0)  # no top-k: every token is in support
+    # max aggregation keeps the candidate with the higher guided likelihood; row 1's true class (2) is a candidate
+    g2 = token_loglik(gen, tokens[1:], torch.tensor([2]))["guided"].mean()
+    g3 = token_loglik(gen, tokens[1:], torch.tensor([3]))["guided"].mean()
+    assert feats[1, 2] == pytest.approx(float(max(g2, g3)), rel=1e-5)
+    assert scale_slices([1, 2, 4], 21) == [(0, 1), (1, 5), (5, 21)] and scale_slices([], 64) == [(0, 64)]
+
+
+def test_calibrators_remove_the_big_model_bias() -> None:
+    rng = np.random.default_rng(0)
+    n, v = 200, 4
+    truth = rng.integers(0, v, n)
+    # every variant's likelihood grows with model size (bias), the own variant gets +0.5 on top
+    base = rng.normal(size=(n, v, 4)) * 0.2 + np.arange(v)[None, :, None] * 1.0
+    base[np.arange(n), truth] += 0.5
+    assert np.mean(base[:, :, 2].argmax(1) == truth) < 0.5  # raw argmax is biased to the largest
+    for kind in ("zscore", "logreg"):
+        cal = fit_calibrator(kind, base, truth)
+        assert np.mean(cal.predict(base) == truth) > 0.8, kind
+        again = type(cal).from_json(json.loads(json.dumps(cal.to_json())))
+        assert np.array_equal(again.predict(base), cal.predict(base))
+
+
+def test_score_function_learns_the_cfg_log_ratio() -> None:
+    rng = np.random.default_rng(0)
+    n, length = 120, 21
+    y = np.repeat([1.0, 0.0], n // 2)
+    lu = rng.normal(-3.0, 1.0, size=(n, 1, length))
+    lc = lu + rng.normal(0.0, 0.5, size=(n, 1, length)) + 0.8 * y[:, None, None]  # CFG inflates ℓ_c − ℓ_u
+    feats = np.stack([lc, lu], -1).astype(np.float32)
+    scales = scale_slices([1, 2, 4], length)
+    fresh = ScoreFunction(scales)
+    assert float(fresh.alpha.detach()) == 1.0 and torch.allclose(fresh.w, torch.full((3,), 1 / 3))
+    model, hist = fit_score_function(feats[::2], y[::2], scales, epochs=150, lr=1e-2)
+    assert hist[-1] < hist[0]
+    s = score(model, feats[1::2])
+    assert auroc(y[1::2].astype(int), s) > 0.9
+    assert np.mean((s > 0) == (y[1::2] > 0)) > 0.8
+
+
+def test_candidate_classes() -> None:
+    assert candidate_classes("null", 2, num_classes=5, null_class=5).tolist() == [[5], [5]]
+    assert candidate_classes("all", 1, num_classes=3, null_class=3).tolist() == [[0, 1, 2]]
+    assert candidate_classes("oracle", 2, num_classes=5, null_class=5, oracle=np.array([2, -1])).tolist() == [[2], [5]]
+    with pytest.raises(ConfigError, match="oracle"):
+        candidate_classes("oracle", 2, num_classes=5, null_class=5)
+
+
+# ---------------------------------------------------------------------------------------------- loader
+@pytest.fixture(scope="module")
+def fake_task(tmp_path_factory) -> Path:
+    return write_fake_task(tmp_path_factory.mktemp("fake_task") / "task")
+
+
+def _copy(task: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "task"
+    shutil.copytree(task, dst)
+    return dst
+
+
+def test_loader_reads_the_task_layout_as_is(fake_task: Path) -> None:
+    p = load_rarvar(fake_task, image_size=8)
+    assert p.kind == "tracing" and len(p.train) == 8 * 12 and len(p.val) == 9 * 6 and p.test.labels is not None
+    assert set(p.train.labels) == set(LABELS[:8]) and set(p.val.labels) == set(LABELS)
+    assert p.models["var"].generator_checkpoints["var30"].name == "var30.safetensors"
+    img = load_png(p.test.paths[0])
+    raw = np.asarray(Image.open(p.test.paths[0]))
+    assert img.dtype == torch.uint8 and np.array_equal(img.permute(1, 2, 0).numpy(), raw)  # bit-identical, no resize
+
+
+@pytest.mark.parametrize(
+    ("breakage", "error", "match"),
+    [
+        ("test_subfolder", DataError, "sub-folder of test"),
+        ("no_test", DataError, "test does not exist"),
+        ("unknown_label", DataError, "not a label folder"),
+        ("outlier_in_train", DataError, "outlier folder in train"),
+        ("wrong_size", DataError, "is 9x9 but the task images are 8x8"),
+        ("undecodable", DataError, "could not be read"),
+        ("missing_checkpoint", ConfigError, r"variants\.rarl\.checkpoint=.*rarl\.safetensors does not exist"),
+    ],
+)
+def test_loader_errors_name_the_file(fake_task: Path, tmp_path: Path, breakage: str, error, match: str) -> None:
+    root = _copy(fake_task, tmp_path)
+    if breakage == "test_subfolder":
+        (root / "test" / "extra").mkdir()
+    elif breakage == "no_test":
+        shutil.rmtree(root / "test")
+    elif breakage == "unknown_label":
+        (root / "train" / "var99").mkdir()
+    elif breakage == "outlier_in_train":
+        (root / "train" / "outlier").mkdir()
+    elif breakage == "wrong_size":
+        Image.new("RGB", (9, 9)).save(root / "test" / "zz_big.png")
+    elif breakage == "undecodable":
+        (root / "val" / "rarb" / "broken.png").write_bytes(b"not a png")
+    else:
+        (root / "checkpoints" / "rar" / "rarl.safetensors").unlink()
+    with pytest.raises(error, match=match):
+        load_rarvar(root, image_size=8)
+
+
+# ---------------------------------------------------------------------------------------------- the method
+def _ctx(out: Path, **kw) -> RunContext:
+    return RunContext(
+        accelerator=Accelerator(cpu=True),
+        tracker=NullTracker(),
+        output_dir=out,
+        checkpoints=Checkpointer(out / "checkpoints", keep_last=1),
+        seed=0,
+        config_fingerprint="fp",
+        **kw,
+    )
+
+
+def _tracer(pipeline: str, **kw) -> ModelTracer:
+    return ModelTracer(
+        name="prada",
+        pipeline=pipeline,
+        class_source="oracle",
+        batch_size=64,
+        inverse={"rar": {"epochs": 3, "lr": 1e-2}, "var": {"epochs": 3, "lr": 1e-2}},
+        prada={"epochs": 60, "lr": 1e-2},
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("pipeline", ["two_stage", "one_step"])
+def test_method_runs_writes_outputs_and_resumes(fake_task: Path, tmp_path: Path, pipeline: str) -> None:
+    protocol = load_rarvar(fake_task, image_size=8)
+    out = tmp_path / pipeline
+    stopped = _tracer(pipeline).run(protocol, _ctx(out, stop_after_task=0))
+    assert not stopped.completed and Checkpointer(out / "checkpoints").latest()[1]["stage"] == "models"
+    report = _tracer(pipeline).run(protocol, _ctx(out))  # resume=auto: stage 0 is not run again
+    assert report.completed and report.results["resumed_stages"] == ["models"]
+    assert list(report.results["timings_s"]) == list(STAGES[pipeline])
+    rows = list(csv.reader((out / "submission.csv").open()))
+    assert rows[0] == ["image_name", "label"] and len(rows) == len(protocol.test) + 1
+    assert sorted(r[0] for r in rows[1:]) == sorted(protocol.test.names) and {r[1] for r in rows[1:]} <= set(LABELS)
+    for split in ("val", "test"):
+        assert {"accuracy", "family_accuracy", "variant_accuracy", "outlier_precision"} <= set(report.results[split])
+    assert (out / "plots" / "confusion_test.png").is_file() and (out / "plots" / "scores_var_val.png").is_file()
+    with pytest.raises(ConfigError, match="other settings"):
+        _tracer(pipeline).run(protocol, RunContext(**{**_ctx(out).__dict__, "config_fingerprint": "other"}))
+
+
+def test_method_rejects_bad_flags() -> None:
+    with pytest.raises(ConfigError, match="pipeline"):
+        ModelTracer(name="prada", pipeline="three_stage")
+    with pytest.raises(ConfigError, match="class_source"):
+        ModelTracer(name="prada", class_source="guess")
+    with pytest.raises(ConfigError, match="signal"):
+        ModelTracer(name="prada", stage1={"signal": "psnr"})
+
+
+# ---------------------------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("pipeline", ["two_stage", "one_step"])
+def test_config_composes_for_both_pipelines(compose_cfg, pipeline: str) -> None:
+    overrides = ["method=prada", "data=rarvar", f"method.pipeline={pipeline}", "method.class_source=all"]
+    cfg = compose_cfg(overrides)
+    changes = apply_twin_profile(cfg, {"method", "data", "method.pipeline", "method.class_source"})
+    check_compatibility(cfg)
+    assert cfg.data.image_size == cfg.data.twin.image_size == 32 and cfg.method.pipeline == pipeline
+    assert cfg.method.class_source == "all"  # command line wins over the twin profile
+    assert any(c.startswith("method.prada.epochs") for c in changes)
+    tracer = build(cfg.method, model={}, trainer={})
+    assert isinstance(tracer, ModelTracer) and tracer.pipeline == pipeline
+
+
+def test_real_data_needs_its_root_and_checkpoints(compose_cfg, fake_task: Path, tmp_path: Path) -> None:
+    cfg = compose_cfg(["method=prada", "data=rarvar", f"data.root={tmp_path / 'missing'}"])
+    assert cfg.model.var.tokenizer_checkpoint == "vae_ch160v4096z32.pth"  # the method picks model=prada_real
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k in BUILD_KEYS}
+    with pytest.raises(DataError, match="does not exist"):
+        build_rarvar(**kwargs)
+    # a real folder without the released checkpoint files: ConfigError naming the model key and the file
+    root = _copy(fake_task, tmp_path)
+    shutil.rmtree(root / "checkpoints")
+    with pytest.raises(ConfigError, match=r"model\.rar\.tokenizer_checkpoint=.*maskgit-vqgan-imagenet-f16-256\.bin"):
+        build_rarvar(**{**kwargs, "root": str(root), "image_size": 8})
+    bad = compose_cfg(["method=lorax", "data=rarvar"])
+    with pytest.raises(ConfigError, match="tracing"):
+        check_compatibility(bad)
+
+
+# ---------------------------------------------------------------------------------------------- flags
+def test_encloss_reconstruction_flag_and_combined() -> None:
+    tok = FakeTokenizer(seed=1)
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    plain = signals_batch(tok, x, tok.quantize)
+    quant = signals_batch(tok, x, tok.quantize, quantized_reconstruction=True)
+    # quantised reconstruction: the EncLoss numerator IS the fully quantised reconstruction error
+    assert torch.allclose(quant["recon"], quant["qrecon"]) and not torch.allclose(plain["recon"], plain["qrecon"])
+    assert torch.allclose(plain["comb"], plain["quant"] * plain["enc"])
+    fz = tok.tokens_to_latent(plain["tokens"])
+    assert torch.allclose(plain["quant"], (tok.encode_feature(x) - fz).pow(2).flatten(1).mean(1))
+
+
+def test_candidate_aggregation_and_augmentation_schedule() -> None:
+    x = np.log(np.array([[1.0, 3.0], [2.0, 2.0]]))
+    assert logmeanexp(x, axis=1) == pytest.approx(np.log([2.0, 2.0]))
+    sf = ScoreFunction([(0, 4)], aggregate="logmeanexp")
+    feats = torch.randn(5, 3, 4, 2)
+    per = sf.per_candidate(feats)
+    assert torch.allclose(sf(feats), torch.logsumexp(per, 1) - np.log(3))
+    schedule = [["none", 2], ["weak", 1], ["strong", 2]]
+    assert [level_at(e, schedule) for e in range(7)] == ["none", "none", "weak", "strong", "strong", "strong", "strong"]
+    img = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    rng = np.random.default_rng(0)
+    for _ in range(12):  # every transform keeps shape and range
+        out = augment(img, "strong", rng)
+        assert out.shape == img.shape and float(out.min()) >= 0.0 and float(out.max()) <= 1.0
