@@ -43,7 +43,8 @@ def _covered(key: str, explicit: set[str]) -> bool:
 
 
 def _leaves(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    if isinstance(node, dict):
+    """Dotted keys and values of a nested mapping; an empty mapping is a value (``kwargs: {}`` clears)."""
+    if isinstance(node, dict) and (node or not prefix):
         out: list[tuple[str, Any]] = []
         for k, v in node.items():
             out += _leaves(v, f"{prefix}.{k}" if prefix else str(k))

@@ -9,12 +9,13 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m genattr.bench", description=__doc__)
     sub = parser.add_subparsers(dest="bench", required=True)
-    from genattr.bench import lorax, unlearn
+    from genattr.bench import detector, gslora, lorax, unlearn
 
-    lorax.add_arguments(sub.add_parser("lorax", help=lorax.__doc__.splitlines()[0]))
-    unlearn.add_arguments(sub.add_parser("unlearn", help=unlearn.__doc__.splitlines()[0]))
+    benches = {"lorax": lorax, "detector": detector, "gslora": gslora, "unlearn": unlearn}
+    for name, module in benches.items():
+        module.add_arguments(sub.add_parser(name, help=module.__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
-    return {"lorax": lorax.main, "unlearn": unlearn.main}[args.bench](args)
+    return benches[args.bench].main(args)
 
 
 if __name__ == "__main__":

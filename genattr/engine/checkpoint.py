@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from genattr.utils.errors import ConfigError
 from genattr.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -64,3 +65,13 @@ class Checkpointer:
             return None
         with open(done[-1] / "state.json") as fh:
             return done[-1], json.load(fh)
+
+    def latest_for(self, fingerprint: str) -> tuple[Path, dict[str, Any]] | None:
+        """:meth:`latest`, refused with a sentence when it was written with other result-shaping settings."""
+        found = self.latest()
+        if found is not None and found[1].get("config_fingerprint") != fingerprint:
+            raise ConfigError(
+                f"the checkpoint {found[0]} was written with other settings; continue it with the same "
+                "overrides, or start fresh with resume=never (or another hydra.run.dir)."
+            )
+        return found

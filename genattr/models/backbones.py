@@ -30,17 +30,21 @@ def create_backbone(
     kwargs: Mapping[str, Any] | None = None,
     twin_pretrain: Mapping[str, Any] | None = None,
     cache_dir: str | None = None,
+    num_classes: int | None = 0,
 ) -> nn.Module:
     """Build ``name`` from timm without a classifier.
 
     ``weights`` (a local ``.safetensors``/``.pth`` file) wins over ``pretrained``; it is
     what offline cluster nodes use. With ``twin_pretrain.enabled`` and neither of the
     two, the backbone is pretrained once on the synthetic pretraining set and cached.
+    ``num_classes=None`` keeps timm's own head (e.g. the projection to a CLIP embedding).
     """
     extra = dict(kwargs or {})
+    if num_classes is not None:
+        extra["num_classes"] = num_classes
     if img_size is not None:
         extra["img_size"] = img_size
-    if name not in timm.list_models():
+    if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:20]
         raise ConfigError(
             f"model.name={name} is not a timm model; similar names: {close or 'none'} "
@@ -51,13 +55,11 @@ def create_backbone(
         if not path.is_file():
             raise ConfigError(f"model.weights={weights} does not exist (expected a .safetensors or .pth file).")
         log.info("loading %s weights from %s", name, path)
-        return timm.create_model(
-            name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, num_classes=0, **extra
-        )
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **extra)
     if pretrained:
         _check_hub_reachable(name)
-        return timm.create_model(name, pretrained=True, num_classes=0, **extra)
-    model = timm.create_model(name, pretrained=False, num_classes=0, **extra)
+        return timm.create_model(name, pretrained=True, **extra)
+    model = timm.create_model(name, pretrained=False, **extra)
     if twin_pretrain and twin_pretrain.get("enabled"):
         from genattr.models.twin_pretrain import ensure_twin_backbone
 

@@ -1,4 +1,4 @@
-"""Continual-learning figures (accuracy matrix, per-stage curves) for reports and MLflow.
+"""Figures for reports and MLflow: accuracy matrices, stage curves, ROC curves, window heatmaps.
 
 Figures are built with ``matplotlib.figure.Figure`` directly, never ``pyplot``, so
 nothing is registered in pyplot's global figure list (no leaks over 12-task sweeps,
@@ -92,4 +92,57 @@ def plot_stage_curve(
         ax.legend()
     if title:
         ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_roc_curves(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str | Path, title: str = "ROC"
+) -> Path:
+    """One ROC line per entry (label -> (FPR, TPR)), with the chance diagonal."""
+    fig = Figure(figsize=(5.0, 5.0))
+    ax = fig.add_subplot()
+    for label, (fpr, tpr) in curves.items():
+        ax.plot(fpr, tpr, label=label)
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_window_heatmap(
+    values: np.ndarray,
+    row_names: Sequence[str],
+    col_names: Sequence[str],
+    path: str | Path,
+    title: str = "AUROC per generator",
+    col_groups: Sequence[int] | None = None,
+) -> Path:
+    """Heatmap rows = after window k, cols = generators (chronological), values in [0, 1].
+
+    ``col_groups`` gives each column's window so window borders can be drawn.
+    """
+    m = np.asarray(values, dtype=np.float64)
+    fig = Figure(figsize=(max(6.0, 0.45 * len(col_names) + 2.5), max(3.0, 0.45 * len(row_names) + 2.0)))
+    ax = fig.add_subplot()
+    im = ax.imshow(np.ma.masked_invalid(m), vmin=0.5, vmax=1.0, cmap="viridis", aspect="auto")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    if m.size <= 400:
+        for (i, j), v in np.ndenumerate(m):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.8 else "k")
+    if col_groups is not None:
+        for j in range(1, len(col_groups)):
+            if col_groups[j] != col_groups[j - 1]:
+                ax.axvline(j - 0.5, color="white", lw=1.5)
+    ax.set_xticks(range(len(col_names)), labels=list(col_names), rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(row_names)), labels=list(row_names))
+    ax.set_xlabel("generator (release order)")
+    ax.set_ylabel("after training window")
+    ax.set_title(title)
     return _save(fig, path)

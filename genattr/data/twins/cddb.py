@@ -11,13 +11,7 @@ bump the version whenever the bytes a parameter set produces change.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import shutil
-import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,14 +20,14 @@ import numpy as np
 from PIL import Image
 
 from genattr.data.cddb import CDDB_TASKS, SUBCATEGORIES
+from genattr.data.twins.cache import cached_twin
 from genattr.data.twins.content import domain_style, name_seed, render
 from genattr.data.twins.fingerprints import TRACES
-from genattr.utils.errors import ConfigError, DataError
+from genattr.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 2
-MANIFEST = "twin.json"
 _CHUNK = 64  # images rendered per numpy batch; bounds memory at large image sizes
 
 
@@ -134,19 +128,8 @@ def ensure_cddb_twin(
         "strength": float(strength),
         "generator_version": GENERATOR_VERSION,
     }
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-    base = Path(cache_dir).expanduser() / "cddb_twin"
-    final = base / digest
-    if (final / MANIFEST).is_file():
-        return final
-    if final.exists():
-        raise DataError(
-            f"{final} exists but has no {MANIFEST}, so it is not a finished twin; delete it and run again to regenerate"
-        )
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.tmp-", dir=base))
-    start = time.perf_counter()
-    try:
+
+    def generate(tmp: Path) -> dict[str, Any]:
         counts = _generate(
             tmp,
             tasks=tasks,
@@ -155,21 +138,10 @@ def ensure_cddb_twin(
             seed=params["seed"],
             strength=params["strength"],
         )
-        manifest = {
-            "params": params,
+        return {
             "subcategories": {t: SUBCATEGORIES.get(t, []) for t in tasks},
             "fingerprints": {t: TRACES[t].description for t in tasks},
             "counts": counts,
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / MANIFEST).is_file():  # not a concurrent winner: a real failure
-                raise
-            shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("generated CDDB twin %s in %.1fs", final, time.perf_counter() - start)
-    return final
+
+    return cached_twin(cache_dir, "cddb_twin", params, generate)

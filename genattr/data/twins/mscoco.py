@@ -17,12 +17,8 @@ The folder is a cache keyed by a hash of every setting (twin, model, trainer) an
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,12 +28,12 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from genattr.utils.errors import ConfigError, DataError
+from genattr.data.twins.cache import cached_twin
+from genattr.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
-MANIFEST = "twin.json"
 SHAPES = ("square", "circle", "triangle", "cross")
 COLOURS = {
     "red": (1.0, -0.8, -0.8),
@@ -243,28 +239,9 @@ def ensure_mscoco_twin(
     model_cfg = {k: v for k, v in dict(model).items() if k in ("unet", "scheduler", "init_seed")}
     model_cfg["seed"] = int(model_cfg.pop("init_seed", 0))
     key = {"params": params, "model": model_cfg, "trainer": dict(trainer), "version": GENERATOR_VERSION}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    base = Path(cache_dir).expanduser() / "mscoco_twin"
-    final = base / digest
-    if (final / MANIFEST).is_file():
-        return final
-    if final.exists():
-        raise DataError(f"{final} exists but has no {MANIFEST}, so it is not a finished twin; delete it and rerun")
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.tmp-", dir=base))
-    start = time.perf_counter()
-    log.warning("building the MSCOCO twin (training its theta0) into %s", final)
-    try:
-        manifest = _build(tmp, params, model_cfg, trainer)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / MANIFEST).is_file():
-                raise
-            shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("MSCOCO twin %s built in %.1fs", final, time.perf_counter() - start)
-    return final
+
+    def generate(tmp: Path) -> dict[str, Any]:
+        log.warning("building the MSCOCO twin (training its theta0) into %s", tmp)
+        return _build(tmp, params, model_cfg, trainer)  # its "params" entry is the twin's own settings
+
+    return cached_twin(cache_dir, "mscoco_twin", key, generate)

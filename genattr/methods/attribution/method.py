@@ -325,15 +325,10 @@ class AttributionByUnlearning:
         return Report(metrics, results, artifacts, summary=summary or "AbU scores written", completed=completed)
 
     def _resume(self, ctx: RunContext) -> int:
-        found = ctx.checkpoints.latest()
+        found = ctx.checkpoints.latest_for(ctx.config_fingerprint)
         if found is None:
             return 0
         folder, state = found
-        if state.get("config_fingerprint") != ctx.config_fingerprint:
-            raise ConfigError(
-                f"the checkpoint {folder} was written with other settings; continue it with the same "
-                "overrides, or start fresh with resume=never (or another hydra.run.dir)."
-            )
         log.warning("resuming after checkpoint %s (stage %s)", folder.name, state.get("stage"))
         ctx.tracker.log_metrics({"resume/from_task": float(state["task"])}, step=int(state["task"]))
         return int(state["task"]) + 1

@@ -201,15 +201,10 @@ class ContinualLoop:
 
     def _restore(self, net: ContinualNet, memory: ExemplarMemory) -> int:
         """Load the latest checkpoint if any; return the first task still to run."""
-        found = self.ctx.checkpoints.latest()
+        found = self.ctx.checkpoints.latest_for(self.ctx.config_fingerprint)
         if found is None:
             return 0
         folder, state = found
-        if state.get("config_fingerprint") != self.ctx.config_fingerprint:
-            raise ConfigError(
-                f"the checkpoint {folder} was written with other settings; continue it with the same "
-                "overrides, or start fresh with resume=never (or another hydra.run.dir)."
-            )
         if state["task_names"] != self.protocol.task_names:
             raise ConfigError(f"the checkpoint {folder} is for tasks {state['task_names']}, not these.")
         last = int(state["task"])

@@ -1,0 +1,272 @@
+"""AI-GenBench as a sliding-windows protocol, read from the real on-disk format.
+
+The benchmark ships as a Hugging Face ``DatasetDict`` written with ``save_to_disk``
+(Arrow shards, splits ``train`` and ``validation``). ``root: null`` writes the synthetic
+twin in exactly that format and reads it with this same loader.
+
+Row identity: ``ID`` is the row index within the split *before* filtering to the
+benchmark generators (what the original code and its prediction dumps use);
+``file_id`` is the stable string key we also record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from PIL import Image
+
+from genattr.data.aigenbench.splits import (
+    VAL_PAIRING_SEED,
+    VAL_SHUFFLE_SEED,
+    allot_training_rows,
+    balance_validation,
+    pair_reals,
+    shuffled_order,
+    subset_mask,
+)
+from genattr.data.aigenbench.timeline import REAL, Timeline
+from genattr.utils.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("image", "label", "generator", "file_id")
+SPLITS = ("train", "validation")
+BENCHMARK_TYPES = ("cumulative", "continual_learning")
+
+
+class ArrowImages:
+    """Decodes the ``image`` column of one split on demand; pickles into DataLoader workers."""
+
+    def __init__(self, root: Path, split: str) -> None:
+        self.root, self.split = root, split
+        self._table: Any = None
+
+    def _column(self) -> Any:
+        if self._table is None:
+            from datasets import Image as HFImage
+            from datasets import load_from_disk
+
+            ds = load_from_disk(str(self.root / self.split)).select_columns(["image", "file_id"])
+            self._table = ds.cast_column("image", HFImage(decode=False))  # we decode, to name bad files
+        return self._table
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"root": self.root, "split": self.split, "_table": None}
+
+    def __call__(self, row: int) -> Image.Image:
+        item = self._column()[int(row)]
+        raw = item["image"] or {}
+        try:
+            source = io.BytesIO(raw["bytes"]) if raw.get("bytes") is not None else raw.get("path")
+            with Image.open(source) as image:
+                image.load()
+                return image.convert("RGB")
+        except Exception as err:  # PIL raises several unrelated types for broken files
+            raise DataError(
+                f"{self.root}/{self.split} row {row} (file_id {item.get('file_id')!r}) could not be decoded: {err}"
+            ) from err
+
+
+@dataclass
+class DetectionSplit:
+    """The benchmark rows of one split: labels, generator ids, ids, and an image decoder."""
+
+    name: str
+    images: ArrowImages
+    rows: np.ndarray  #: row index in the split = the benchmark's ``ID``
+    labels: np.ndarray  #: 0 real, 1 fake
+    generator_ids: np.ndarray  #: alphabetical ids, 0 = real
+    file_ids: list[str]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def take(self, positions: np.ndarray) -> DetectionSplit:
+        positions = np.asarray(positions, dtype=np.int64)
+        return DetectionSplit(
+            self.name,
+            self.images,
+            self.rows[positions],
+            self.labels[positions],
+            self.generator_ids[positions],
+            [self.file_ids[i] for i in positions],
+        )
+
+
+@dataclass
+class SlidingWindowsProtocol:
+    """Chronological windows of generators, their training rows and the scored validation set."""
+
+    kind: ClassVar[str] = "sliding_windows"
+    name: str
+    source: str
+    root: Path
+    timeline: Timeline
+    train: DetectionSplit
+    window_rows: list[np.ndarray]  #: per window: positions in ``train`` of that window only
+    validation: DetectionSplit  #: balanced, in evaluation order (shuffled)
+    pairing: np.ndarray  #: per validation position: paired generator id of a real, -1 for a fake
+    benchmark_type: str = "cumulative"
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_windows(self) -> int:
+        return len(self.timeline.windows)
+
+    def training_positions(self, k: int) -> np.ndarray:
+        """Rows trained in window k: windows 0..k (cumulative) or k alone (continual_learning)."""
+        parts = self.window_rows[: k + 1] if self.benchmark_type == "cumulative" else [self.window_rows[k]]
+        return np.concatenate(parts)
+
+    def window_ids(self, windows: range | list[int]) -> list[int]:
+        return [self.timeline.generator_id(g) for g in self.timeline.generators_in(windows)]
+
+    def subsets(self, k: int) -> dict[str, np.ndarray]:
+        """Validation masks scored after window k.
+
+        ``next`` = window k+1 (for the last window the original code falls back to window k
+        itself, which is seen data; it is reported but excluded from the score);
+        ``growing`` = windows 0..k; ``whole`` = windows 0..k+1.
+        """
+        last = self.n_windows - 1
+        nxt = min(k + 1, last)
+        val = self.validation
+        return {
+            "next": subset_mask(val.generator_ids, self.pairing, self.window_ids([nxt])),
+            "growing": subset_mask(val.generator_ids, self.pairing, self.window_ids(range(k + 1))),
+            "whole": subset_mask(val.generator_ids, self.pairing, self.window_ids(range(min(k + 2, last + 1)))),
+        }
+
+
+def _read_split(root: Path, split: str, timeline: Timeline) -> DetectionSplit:
+    from datasets import load_from_disk
+
+    folder = root / split
+    if not folder.is_dir():
+        raise DataError(
+            f"{folder} does not exist; data.root must be a DatasetDict saved with save_to_disk, "
+            f"holding the splits {list(SPLITS)}"
+        )
+    try:
+        ds = load_from_disk(str(folder))
+    except Exception as err:
+        raise DataError(f"{folder} is not a datasets.Dataset saved with save_to_disk: {err}") from err
+    missing = [c for c in REQUIRED_COLUMNS if c not in ds.column_names]
+    if missing:
+        raise DataError(f"{folder} lacks the columns {missing} (it has {ds.column_names})")
+    table = ds.data
+    generators = table.column("generator").to_pylist()
+    labels = np.asarray(table.column("label").to_pylist(), dtype=np.int64)
+    file_ids = table.column("file_id").to_pylist()
+    known = set(timeline.generators) | {REAL}
+    keep = np.fromiter((g in known for g in generators), dtype=bool, count=len(generators))
+    present = {g for g, k in zip(generators, keep, strict=True) if k}
+    absent = [g for g in timeline.generators if g not in present]
+    if absent:
+        raise DataError(f"{folder}: no images of the benchmark generators {absent}")
+    dropped = len(generators) - int(keep.sum())
+    if dropped:
+        log.info("%s: %d rows of generators outside the benchmark table are ignored", folder, dropped)
+    rows = np.flatnonzero(keep)
+    ids = np.asarray([timeline.generator_id(generators[i]) for i in rows], dtype=np.int64)
+    lab = labels[rows]
+    bad = np.flatnonzero((ids == 0) != (lab == 0))
+    if len(bad):
+        i = int(rows[bad[0]])
+        raise DataError(
+            f"{folder} row {i} (file_id {file_ids[i]!r}): label {labels[i]} does not match generator "
+            f"{generators[i]!r} (real images have generator '' and label 0)"
+        )
+    return DetectionSplit(split, ArrowImages(root, split), rows, lab, ids, [file_ids[i] for i in rows])
+
+
+def _hash(ids: list[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
+
+
+def build_aigenbench(
+    *,
+    name: str = "aigenbench",
+    root: str | None = None,
+    generators: str | None = None,
+    generators_per_window: int = 4,
+    benchmark_type: str = "cumulative",
+    train_real_seed: int = 1337,
+    val_shuffle_seed: int = VAL_SHUFFLE_SEED,
+    val_pairing_seed: int = VAL_PAIRING_SEED,
+    max_windows: int | None = None,
+    eval_pipeline: Mapping[str, Any] | None = None,
+    twin: Mapping[str, Any] | None = None,
+    cache_dir: str | None = None,
+) -> SlidingWindowsProtocol:
+    """Build the protocol from ``root`` (a ``save_to_disk`` folder) or from the cached twin.
+
+    ``generators`` is the timeline CSV (``None`` = the shipped v1.0.0 table; the twin
+    writes its own next to its data). ``max_windows`` truncates the timeline for quick runs.
+    ``eval_pipeline`` holds the two logged choices of the mandatory evaluation chain
+    (``jpeg_quality: code|uniform``, ``large_crop: random|central``).
+    """
+    from genattr.data.aigenbench.augment import mandatory_eval_pipeline
+
+    eval_choices = {"jpeg_quality": "code", "large_crop": "random"} | dict(eval_pipeline or {})
+    log.info("mandatory eval pipeline: %s (%s)", eval_choices, mandatory_eval_pipeline(**eval_choices))
+    if benchmark_type not in BENCHMARK_TYPES:
+        raise ConfigError(f"data.benchmark_type={benchmark_type!r}; expected one of {list(BENCHMARK_TYPES)}")
+    source = "real"
+    if root is None:
+        from genattr.data.twins.aigenbench import ensure_aigenbench_twin
+
+        if cache_dir is None:
+            raise ConfigError("data.cache_dir must be set to build the AI-GenBench twin (data.root is null).")
+        folder = ensure_aigenbench_twin(Path(cache_dir), **dict(twin or {}))
+        log.warning("data.root is null: using the synthetic AI-GenBench twin at %s", folder)
+        generators = str(folder / "generators.csv")
+        source = "twin"
+    else:
+        folder = Path(root).expanduser()
+        if not folder.is_dir():
+            raise DataError(f"data.root={root} does not exist; expected the AI-GenBench save_to_disk folder")
+    timeline = Timeline.from_table(generators, generators_per_window)
+    if max_windows is not None:
+        timeline = Timeline(timeline.windows[: int(max_windows)], timeline.dates)
+    train = _read_split(folder, "train", timeline)
+    val = _read_split(folder, "validation", timeline)
+    val = val.take(balance_validation(val.generator_ids))
+    val = val.take(shuffled_order(len(val), val_shuffle_seed))
+    pairing = pair_reals(val.generator_ids, seed=val_pairing_seed)
+    window_gen_ids = [[timeline.generator_id(g) for g in w] for w in timeline.windows]
+    window_rows = allot_training_rows(train.generator_ids, window_gen_ids, seed=train_real_seed)
+    real_ids = [f for f, g in zip(train.file_ids, train.generator_ids, strict=True) if g == 0]
+    info = {
+        "root": str(folder),
+        "source": source,
+        "windows": [list(w) for w in timeline.windows],
+        "generator_id_to_name": list(timeline.id_to_name),
+        "n_train": len(train),
+        "n_validation": len(val),
+        "window_train_sizes": [len(r) for r in window_rows],
+        "train_real_file_id_sha256": _hash(real_ids),
+        "validation_file_id_sha256": _hash(val.file_ids),
+        "benchmark_type": benchmark_type,
+        "eval_pipeline": eval_choices,
+    }
+    log.info("AI-GenBench %s: %d windows %s", source, len(timeline.windows), info["window_train_sizes"])
+    return SlidingWindowsProtocol(
+        name=name,
+        source=source,
+        root=folder,
+        timeline=timeline,
+        train=train,
+        window_rows=window_rows,
+        validation=val,
+        pairing=pairing,
+        benchmark_type=benchmark_type,
+        info=info,
+    )

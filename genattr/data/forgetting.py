@@ -1,0 +1,323 @@
+"""The continual-forgetting protocol (GS-LoRA): class order, tasks, training subsets.
+
+A dataset family (``faces``, ``imagenet100``) only reads ``{train,test}/<class>/*`` into
+image lists; this module turns them into the scenario of ``specs/gslora.md`` section 3:
+the 100 classes are shuffled with ``random.seed(1337)`` and task ``t`` forgets
+``order[F - t*P : F - t*P + P]`` while ``order[0 : F - t*P]`` remain. Training only ever
+sees a subset (``data_ratio`` of the images or ``few_shot`` images per class), which is
+fixed once per run so that every method gets the same data budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from genattr.data.images import BadImageStats, ImageListDataset, Sample, scan_image_folder
+from genattr.utils.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class ForgetTask:
+    """One forgetting step: the classes to forget now, those kept, those forgotten before."""
+
+    index: int
+    name: str
+    forget: tuple[int, ...]
+    remain: tuple[int, ...]
+    old: tuple[int, ...]
+
+
+@dataclass
+class ForgettingProtocol:
+    """Everything a forgetting method needs: the full splits, the task list and the subsets.
+
+    ``train_subset`` indexes ``train``: the images any method may train on (the data
+    budget); ``missing`` classes have no image in it (the missing-class protocol).
+    """
+
+    kind: ClassVar[str] = "forgetting"
+    name: str
+    source: str
+    root: Path
+    n_classes: int
+    class_names: list[str]
+    order: list[int]
+    tasks: list[ForgetTask]
+    train: ImageListDataset
+    test: ImageListDataset
+    train_subset: np.ndarray
+    missing: tuple[int, ...] = ()
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def train_of(self, classes: Sequence[int]) -> ImageListDataset:
+        """The budgeted training images of ``classes``."""
+        keep = np.isin(self.train.labels[self.train_subset], np.asarray(classes, dtype=np.int64))
+        return self.train.subset(self.train_subset[keep])
+
+    def test_of(self, classes: Sequence[int]) -> ImageListDataset:
+        """Every test image of ``classes`` (the evaluation uses the full test split)."""
+        return self.test.subset(np.flatnonzero(np.isin(self.test.labels, np.asarray(classes, dtype=np.int64))))
+
+
+def class_order(n_classes: int, seed: int) -> list[int]:
+    """``random.seed(seed); random.shuffle(range(n))``, as the original scripts do."""
+    order = list(range(n_classes))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def make_tasks(order: Sequence[int], *, num_tasks: int, first_classes: int, per_task: int) -> list[ForgetTask]:
+    """Task ``t`` forgets ``order[F - tP : F - tP + P]``; ``order[:F - tP]`` remain.
+
+    Old = the classes forgotten by earlier tasks; classes past ``F + P`` (when F + P < n) are
+    in no set: never forgotten, never trained on.
+    """
+    n = len(order)
+    if per_task < 1 or num_tasks < 1:
+        raise ConfigError(f"data.scenario needs num_tasks >= 1 and per_task >= 1, got {num_tasks}, {per_task}")
+    if first_classes + per_task > n:
+        raise ConfigError(
+            f"data.scenario.first_classes={first_classes} + per_task={per_task} exceeds the {n} classes of the data"
+        )
+    if first_classes - (num_tasks - 1) * per_task < 0:
+        raise ConfigError(
+            f"data.scenario: {num_tasks} tasks of {per_task} classes do not fit below first_classes={first_classes}; "
+            "lower num_tasks or per_task"
+        )
+    tasks = []
+    for t in range(num_tasks):
+        cut = first_classes - t * per_task
+        forget = tuple(order[cut : cut + per_task])
+        tasks.append(
+            ForgetTask(
+                index=t,
+                name=f"{cut + per_task}-{per_task}",
+                forget=forget,
+                remain=tuple(order[:cut]),
+                old=tuple(order[cut + per_task : first_classes + per_task]),
+            )
+        )
+    return tasks
+
+
+def select_subset(
+    labels: np.ndarray,
+    *,
+    data_ratio: float | None,
+    few_shot: int | None,
+    ratio_over_split: bool,
+    missing: Sequence[int],
+    seed: int,
+) -> np.ndarray:
+    """Indices of the training images a method may use, sorted.
+
+    ``few_shot`` wins over ``data_ratio``. With ``ratio_over_split`` (the original's
+    ``randperm`` over the whole split) the per-class counts vary; otherwise the ratio is
+    taken within each class. ``missing`` classes lose all their images.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    if few_shot is not None:
+        if int(few_shot) < 1:
+            raise ConfigError(f"data.scenario.few_shot={few_shot} must be >= 1 or null")
+        idx = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[: int(few_shot)] for c in np.unique(labels)])
+    elif data_ratio is None or float(data_ratio) >= 1.0:
+        idx = np.arange(n)
+    else:
+        ratio = float(data_ratio)
+        if ratio <= 0:
+            raise ConfigError(f"data.scenario.data_ratio={data_ratio} must be in (0, 1]")
+        if ratio_over_split:
+            idx = rng.permutation(n)[: max(1, int(n * ratio))]
+        else:
+            idx = np.concatenate(
+                [
+                    rng.permutation(ids)[: max(1, round(len(ids) * ratio))]
+                    for ids in (np.flatnonzero(labels == c) for c in np.unique(labels))
+                ]
+            )
+    idx = np.sort(idx)
+    if missing:
+        idx = idx[~np.isin(labels[idx], np.asarray(missing, dtype=np.int64))]
+    return idx
+
+
+def read_class_folders(
+    root: Path,
+    *,
+    split: str,
+    classes: Sequence[str],
+    min_size: int,
+    on_bad_image: str,
+    stats: BadImageStats,
+    transform: Callable[[Any], Any] | None,
+) -> ImageListDataset:
+    """``root/split/<class>/*`` with label = position of the class in ``classes``."""
+    samples: list[Sample] = []
+    for label, cls in enumerate(classes):
+        folder = root / split / cls
+        if not folder.is_dir():
+            raise DataError(f"{folder} does not exist; every class of {root / 'train'} needs a folder in {split}/ too")
+        paths = scan_image_folder(folder, min_size=min_size, on_bad_image=on_bad_image, stats=stats)
+        samples += [Sample(str(p), label, 0) for p in paths]
+    return ImageListDataset(samples, transform)
+
+
+def class_folders(root: Path, layout_hint: str) -> list[str]:
+    """Sorted class folder names under ``root/train`` (the ImageFolder label order)."""
+    for split in SPLITS:
+        if not (root / split).is_dir():
+            raise DataError(f"{root / split} does not exist; expected the layout {layout_hint}")
+    names = sorted(p.name for p in (root / "train").iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not names:
+        raise DataError(f"{root / 'train'} holds no class folders; expected the layout {layout_hint}")
+    return names
+
+
+def build_forgetting_protocol(
+    *,
+    name: str,
+    source: str,
+    root: Path,
+    class_names: list[str],
+    train: ImageListDataset,
+    test: ImageListDataset,
+    scenario: Mapping[str, Any],
+    stats: BadImageStats,
+    extra_info: Mapping[str, Any] | None = None,
+) -> ForgettingProtocol:
+    """Class order, tasks and the training subset from ``data.scenario``."""
+    sc = dict(scenario)
+    n = len(class_names)
+    order = class_order(n, int(sc.get("order_seed", 1337)))
+    tasks = make_tasks(
+        order,
+        num_tasks=int(sc["num_tasks"]),
+        first_classes=int(sc["first_classes"]),
+        per_task=int(sc["per_task"]),
+    )
+    n_missing = int(sc.get("missing", 0) or 0)
+    if n_missing < 0 or n_missing > int(sc["first_classes"]) - (int(sc["num_tasks"]) - 1) * int(sc["per_task"]):
+        raise ConfigError(f"data.scenario.missing={n_missing} must be >= 0 and leave them in every remaining set")
+    missing = tuple(order[:n_missing])
+    subset = select_subset(
+        train.labels,
+        data_ratio=sc.get("data_ratio"),
+        few_shot=sc.get("few_shot"),
+        ratio_over_split=bool(sc.get("ratio_over_split", True)),
+        missing=missing,
+        seed=int(sc.get("subset_seed", 1337)),
+    )
+    counts = np.bincount(train.labels[subset], minlength=n)
+    info = {
+        "n_classes": n,
+        "n_train": len(train),
+        "n_test": len(test),
+        "n_train_subset": int(len(subset)),
+        "subset_per_class_min_max": [int(counts.min()), int(counts.max())],
+        "order": order,
+        "tasks": [{"name": t.name, "forget": list(t.forget)} for t in tasks],
+        "missing": list(missing),
+        "scenario": {k: v for k, v in sc.items()},
+        "bad_images": stats.as_dict(),
+        **dict(extra_info or {}),
+    }
+    log.info(
+        "%s (%s): %d classes, %d train (%d in the budget), %d test; tasks %s",
+        name,
+        source,
+        n,
+        len(train),
+        len(subset),
+        len(test),
+        [t.name for t in tasks],
+    )
+    return ForgettingProtocol(
+        name=name,
+        source=source,
+        root=root,
+        n_classes=n,
+        class_names=class_names,
+        order=order,
+        tasks=tasks,
+        train=train,
+        test=test,
+        train_subset=subset,
+        missing=missing,
+        info=info,
+    )
+
+
+def identity_data_root(
+    root: str | None, *, cache_dir: str | None, twin: Mapping[str, Any] | None, layout: str, label: str, expected: str
+) -> tuple[str, Path]:
+    """``("real", root)`` after checking it exists, or ``("twin", <generated twin root>)`` when ``root`` is null."""
+    if root is None:
+        log.warning("data.root is null: using the SYNTHETIC %s twin (set data.root for real results)", label)
+        import os
+
+        from genattr.data.twins.identities import ensure_identity_twin
+
+        if cache_dir is None:
+            cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "genattr")
+        return "twin", ensure_identity_twin(cache_dir, layout=layout, **dict(twin or {}))
+    data_root = Path(root).expanduser()
+    if not data_root.is_dir():
+        raise DataError(f"data.root={root} does not exist; expected {expected}, or data.root=null for the twin")
+    return "real", data_root
+
+
+def protocol_from_class_folders(
+    *,
+    name: str,
+    source: str,
+    data_root: Path,
+    classes: list[str],
+    transform: Callable[[Any], Any],
+    scenario: Mapping[str, Any],
+    on_bad_image: str,
+    twin: Mapping[str, Any] | None,
+    info: dict[str, Any],
+) -> ForgettingProtocol:
+    """Read ``train``/``test`` class folders (bad-image policy applied) into a forgetting protocol."""
+    stats = BadImageStats()
+    sets = {
+        split: read_class_folders(
+            data_root,
+            split=split,
+            classes=classes,
+            min_size=1,
+            on_bad_image=on_bad_image,
+            stats=stats,
+            transform=transform,
+        )
+        for split in ("train", "test")
+    }
+    if source == "twin":
+        info = info | {"twin": dict(twin or {})}
+    return build_forgetting_protocol(
+        name=name,
+        source=source,
+        root=data_root,
+        class_names=classes,
+        train=sets["train"],
+        test=sets["test"],
+        scenario=scenario,
+        stats=stats,
+        extra_info=info,
+    )

@@ -1,0 +1,1 @@
+"""Real/fake detectors trained over chronological windows (AI-GenBench)."""

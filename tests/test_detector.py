@@ -1,0 +1,215 @@
+"""The AI-GenBench detector: model factory (probe / tune), metrics against scikit-learn, the
+OneCycle schedule, configs, and the protocol end to end on the twin (with resume)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from conftest import compose_config
+from sklearn import metrics as skm
+
+from genattr.config import check_compatibility
+from genattr.methods.detection.detector import WindowLoop
+from genattr.metrics.detection import auroc, benchmark_score, roc_curve, thresholded
+from genattr.models.detectors import build_detector
+from genattr.run import run
+from genattr.utils.errors import ConfigError
+
+
+# -- model factory ------------------------------------------------------------------------------
+def test_unknown_or_unsuffixed_names_are_errors_that_say_how_to_list_names() -> None:
+    with pytest.raises(ConfigError, match=r"not a timm model.*timm.list_models"):
+        build_detector(name="resnet51_tune", pretrained=False)
+    with pytest.raises(ConfigError, match="must end in _probe"):
+        build_detector(name="resnet18", pretrained=False)
+
+
+def test_probe_keeps_the_backbone_frozen_in_eval_mode_and_out_of_optimizer_and_checkpoint() -> None:
+    torch.manual_seed(0)
+    det = build_detector(name="test_resnet_probe", pretrained=False, input_size=32)
+    before = {k: v.clone() for k, v in det.backbone.state_dict().items()}
+    det.train()
+    assert not det.backbone.training and det.head.training
+    loop = WindowLoop.__new__(WindowLoop)
+    loop.method = type("M", (), {"trainer": {"optimizer": {"lr": 0.5}, "schedule": {}}})()
+    opt, sched = loop._optimizer(det, steps=3)
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert in_opt == {id(p) for p in det.head.parameters()}
+    for _ in range(3):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(det(torch.randn(4, 3, 32, 32)), torch.ones(4))
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    after = det.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm running stats included
+    assert all(p.grad is None for p in det.backbone.parameters())
+    assert set(det.trainable_state()) == {"head.weight", "head.bias"}
+
+
+def test_tune_trains_everything_including_batchnorm() -> None:
+    det = build_detector(name="test_resnet_tune", pretrained=False)
+    det.train()
+    assert det.backbone.training
+    assert all(p.requires_grad for p in det.parameters())
+    assert set(det.trainable_state()) == set(det.state_dict())
+
+
+def test_paper_backbones_have_the_published_feature_sizes() -> None:
+    with torch.device("meta"):
+        dino = build_detector(name="vit_large_patch14_dinov2.lvd142m_probe", pretrained=False, kwargs={"img_size": 224})
+        clip = build_detector(
+            name="vit_large_patch14_clip_224.openai_tune",
+            pretrained=False,
+            kwargs={"img_size": 224},
+            features="embedding",
+            normalize_features=True,
+        )
+        rn50 = build_detector(name="resnet50_clip.openai_tune", pretrained=False, features="embedding")
+    assert dino.head.in_features == 1024 and clip.head.in_features == 768 and rn50.head.in_features == 1024
+
+
+def test_onecycle_cycles_momentum_and_peaks_at_the_lr() -> None:
+    det = build_detector(name="test_resnet_tune", pretrained=False)
+    loop = WindowLoop.__new__(WindowLoop)
+    loop.method = type("M", (), {"trainer": {"optimizer": {"lr": 1e-3}, "schedule": {}}})()
+    opt, sched = loop._optimizer(det, steps=100)
+    lrs, moms = [], []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        moms.append(opt.param_groups[0]["momentum"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-3 / 25) and max(lrs) == pytest.approx(1e-3, rel=1e-3)
+    assert int(np.argmax(lrs)) in (29, 30) and lrs[-1] < 1e-6
+    assert moms[0] == pytest.approx(0.95) and min(moms) == pytest.approx(0.85, abs=1e-3)
+    assert opt.param_groups[0]["weight_decay"] == 1e-4
+
+
+# -- metrics --------------------------------------------------------------------------------------
+def test_auroc_and_thresholded_metrics_match_sklearn() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 500)
+    s = np.round(rng.uniform(size=500) * 0.6 + 0.4 * y, 2)  # many ties
+    assert auroc(y, s) == pytest.approx(skm.roc_auc_score(y, s), abs=1e-12)
+    m = thresholded(y, s, 0.5)
+    pred = (s >= 0.5).astype(int)
+    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
+    assert m["precision"] == pytest.approx(skm.precision_score(y, pred))
+    assert m["recall"] == pytest.approx(skm.recall_score(y, pred))
+    fpr, tpr = roc_curve(y, s)
+    fpr2, tpr2, _ = skm.roc_curve(y, s, drop_intermediate=False)
+    assert np.allclose(fpr, fpr2) and np.allclose(tpr, tpr2)
+    assert np.isnan(auroc(np.ones(5), np.arange(5)))
+
+
+def test_score_excludes_the_last_window() -> None:
+    assert benchmark_score([0.6, 0.8, 0.99]) == pytest.approx(0.7)
+
+
+# -- configs --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "model", ["dinov2_vitl14_probe", "dinov2_vitl14_tune", "clip_vitl14_probe", "clip_vitl14_tune", "rn50_clip_tune"]
+)
+def test_detector_configs_compose_with_the_paper_recipe(compose_cfg, model: str) -> None:
+    cfg = compose_cfg(["method=detector", "data=aigenbench", f"model={model}"])
+    assert cfg.model.name.endswith(model.rsplit("_", 1)[1])
+    assert cfg.trainer.global_batch_size == 512 and cfg.trainer.optimizer.lr == 1e-3
+    assert cfg.method.augmentation_factor == 4 and cfg.data.generators_per_window == 4
+    assert cfg.data.eval_pipeline.jpeg_quality == "code" and cfg.data.eval_pipeline.large_crop == "random"
+    check_compatibility(cfg)
+
+
+def test_default_detector_is_dinov2_and_protocols_are_checked(compose_cfg) -> None:
+    cfg = compose_cfg(["method=detector", "data=aigenbench"])
+    assert cfg.model.name == "vit_large_patch14_dinov2.lvd142m_tune" and cfg.model.kwargs.img_size == 224
+    with pytest.raises(ConfigError, match="sliding_windows"):
+        check_compatibility(compose_cfg(["method=lorax", "data=aigenbench"]))
+    with pytest.raises(ConfigError, match="continual"):
+        check_compatibility(compose_cfg(["method=detector", "data=cddb_hard"]))
+
+
+# -- end to end on the twin ----------------------------------------------------------------
+SMALL = ["data.twin.n_windows=3", "data.twin.n_train=32", "data.twin.n_val=24"]
+
+
+def _overrides(db: Path, *extra: str) -> list[str]:
+    return [
+        "method=detector",
+        "data=aigenbench",
+        *SMALL,
+        "tracking=mlflow",
+        f"tracking.tracking_uri=sqlite:///{db}",
+        f"tracking.artifact_location={db.parent / 'artifacts'}",
+        "tracking.experiment=detector",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("detector")
+    ov = _overrides(base / "mlflow.db")
+    run(compose_config(ov, base / "full"), overrides=ov)
+    return base, base / "full"
+
+
+@pytest.mark.slow
+def test_detector_learns_the_twin_and_scores_as_defined(full_run) -> None:
+    _, folder = full_run
+    res = json.loads((folder / "results.json").read_text())
+    assert res["completed"] and len(res["per_window"]) == 3
+    assert min(res["growing_auroc"]) > 0.75, res["growing_auroc"]
+    assert res["score"] == pytest.approx(np.mean(res["next_auroc"][:2]))
+    assert res["per_window"][2]["next_is_fallback"] and not res["per_window"][1]["next_is_fallback"]
+    assert set(res["per_window"][0]["per_generator_auroc"]) == {g for w in res["windows"] for g in w}
+    npz = np.load(folder / "predictions" / "window_0" / "predictions_validate_all.npz")
+    keys = {"fused_scores", "fused_labels", "fused_generator_ids", "fused_identifiers", "fused_losses"}
+    keys |= {"crop_scores", "crop_labels", "crop_generator_ids", "crop_identifiers", "crop_losses"}
+    keys |= {"crop_to_image_index", "identifier", "generator_id_to_name", "windows_timeline", "pairing"}
+    assert keys <= set(npz.files)
+    assert npz["windows_timeline"].shape == (3, 2) and npz["generator_id_to_name"][0] == ""
+    assert ((npz["pairing"] == -1) == (npz["fused_labels"] == 1)).all()
+    # the scores in the dump reproduce the reported AUROC of the whole validation set
+    assert auroc(npz["fused_labels"], npz["fused_scores"]) == pytest.approx(res["per_window"][0]["all"]["auroc"])
+    for plot in ("roc_next_period.png", "roc_final_all.png", "auroc_window_x_generator.png"):
+        assert (folder / "plots" / plot).stat().st_size > 0
+    assert (folder / "checkpoints" / "task_002" / "done").is_file()
+
+
+@pytest.mark.slow
+def test_resume_after_a_stop_between_windows_gives_the_same_metrics(full_run) -> None:
+    base, folder = full_run
+    ov = _overrides(base / "mlflow.db", "stop_after_task=0")
+    first = run(compose_config(ov, base / "resumed"), overrides=ov)
+    assert not first.completed
+    ov = _overrides(base / "mlflow.db")
+    second = run(compose_config(ov, base / "resumed"), overrides=ov)
+    assert second.completed
+    full = json.loads((folder / "results.json").read_text())
+    resumed = json.loads((base / "resumed" / "results.json").read_text())
+    for key in ("next_auroc", "growing_auroc", "whole_auroc", "score"):
+        assert resumed[key] == full[key], key
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{base / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("detector").experiment_id])
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)  # the resumed run continued
+    resumed_run = next(r for r in runs if r.data.tags["output_dir"].endswith("resumed"))
+    steps = sorted(m.step for m in client.get_metric_history(resumed_run.info.run_id, "window/next/auroc"))
+    assert steps == [0, 1, 2]
+    assert resumed_run.data.metrics["final/score"] == pytest.approx(full["score"])
+
+
+def test_bench_detector_writes_its_figures(tmp_path: Path) -> None:
+    from genattr.bench.__main__ import main
+
+    out = tmp_path / "detector.json"
+    args = ["detector", "--model", "test_resnet", "--img-size", "32", "--batch", "4", "--source-size", "96", "64"]
+    assert main([*args, "--images", "8", "--workers", "0", "--repeats", "1", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["probe_step"]["trainable_params"] < res["tune_step"]["trainable_params"]
+    assert res["eval_pipeline_images_per_s"] > 0 and res["train_loader_images_per_s"] > 0
