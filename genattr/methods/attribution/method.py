@@ -327,7 +327,9 @@ class AttributionByUnlearning:
         if "command" in results.get("leave_k_out", {}):
             lko = results["leave_k_out"]
             summary += (
-                f"\nretrain plan {lko['retrain_plan']} ({lko['n_jobs']} jobs); train it with\n  {lko['command']}\n"
+                f"\nretrain plan {lko['retrain_plan']} ({lko['n_jobs']} jobs); train it with (plus this run's "
+                "data/model/trainer overrides)\n"
+                f"  {lko['command']}\n"
                 "then run this command again with method.evaluation.retrains=cached"
             )
         return Report(metrics, results, artifacts, summary=summary or "AbU scores written", completed=completed)
@@ -462,7 +464,8 @@ class AttributionByUnlearning:
         ctx.accelerator.wait_for_everyone()
         if mode == "plan":
             log.warning(
-                "retrain plan written to %s; train its %d jobs with:\n  %s\nthen run again with "
+                "retrain plan written to %s; train its %d jobs with (plus this run's data/model/trainer overrides):"
+                "\n  %s\nthen run again with "
                 "method.evaluation.retrains=cached",
                 plan_path,
                 len(plan["jobs"]),
@@ -477,7 +480,8 @@ class AttributionByUnlearning:
                 raise DataError(
                     f"method.evaluation.retrains=cached: {len(absent)} of {len(plan['jobs'])} planned retrains are "
                     f"not in {cache.folder} (first missing: {first['key']}, job {first['index']}, for "
-                    f"{', '.join(first['uses'])}); train them with `{plan.get('command')}`, then run this again"
+                    f"{', '.join(first['uses'])}); train them with `{plan.get('command')}` (plus this run's "
+                    "data/model/trainer overrides), then run this again"
                 )
         train = mode == "inline"
         found = ctx.checkpoints.latest()
@@ -539,6 +543,20 @@ class AttributionByUnlearning:
                     if what == "dl":
                         curves.setdefault(m, {})[k] = (g["mean"], g["se"])
                 metrics[f"lko/{what}/random/k{k}"] = float(np.mean([np.mean(f) for f in floor]))
+        # head to head: paired per-query differences between every two methods at each K
+        pairwise: dict[str, Any] = {}
+        for i, a in enumerate(methods):
+            for b in methods[i + 1 :]:
+                for k in ks:
+                    for what in ("dl", "dg"):
+                        diff = [done[f"{a}|{q}|{k}"][what][qi[q]] - done[f"{b}|{q}|{k}"][what][qi[q]] for q in eval_q]
+                        mean, se = mean_se(diff)
+                        z = mean / se if se > 0 else None
+                        pairwise.setdefault(f"{a}-{b}", {}).setdefault(f"k{k}", {})[what] = {
+                            "mean": mean,
+                            "se": se,
+                            "z": z,
+                        }
         control: dict[str, Any] = {}
         if oracle:
             for what in ("dl", "dg"):
@@ -558,6 +576,7 @@ class AttributionByUnlearning:
             "ks": ks,
             "table": table,
             "positive_control": control,
+            "pairwise": pairwise,
             "valid": bool(control.get("dl", {}).get("clears_floor", True)),
             "reference_equals_theta0": same,
             "retrains_run": trained,
