@@ -46,6 +46,15 @@ def config_fingerprint(cfg: DictConfig) -> str:
     for key in _NOT_RESULT_SHAPING:
         data.pop(key, None)
     data.get("trainer", {}).pop("num_workers", None)
+    # a method may name its own keys that never change results (dotted, below ``method``)
+    method = data.get("method") or {}
+    for dotted in method.pop("not_result_shaping", None) or []:
+        *parents, leaf = str(dotted).split(".")
+        node = method
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -6,6 +6,9 @@ a run stopped mid-way resumes to the same scores)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -18,6 +21,8 @@ from omegaconf import OmegaConf
 from genattr.config import apply_twin_profile, check_compatibility, explicit_override_keys
 from genattr.data.mscoco import load_mscoco
 from genattr.methods.attribution.losses import loss_sweep, max_over_flips
+from genattr.methods.attribution.retrain_job import PlannedRetrain
+from genattr.methods.attribution.retrain_plan import read_plan
 from genattr.methods.attribution.training import TrainRecipe, train_coupled
 from genattr.methods.attribution.unlearning import (
     diagonal_fisher,
@@ -28,8 +33,11 @@ from genattr.methods.attribution.unlearning import (
 )
 from genattr.metrics.attribution import average_precision, grade_against_random, positive_ranks, recall_at_k
 from genattr.models.diffusion import build_diffusion
-from genattr.run import run
+from genattr.run import config_fingerprint, run
 from genattr.utils.errors import ConfigError, DataError
+from genattr.utils.instantiate import build
+
+ROOT = Path(__file__).resolve().parents[1]
 
 UNET = dict(
     sample_size=8,
@@ -121,16 +129,17 @@ def test_unknown_weight_subset_is_a_config_error():
 
 
 # -- core maths --------------------------------------------------------------------------------------
-def test_loss_sweep_is_bit_identical_whatever_the_batching_or_subset():
+def test_loss_sweep_is_bit_identical_whatever_the_batch_size_subset_or_order():
     m, (lat, txt) = _tiny(), _data()
-    ts = [0, 250, 500, 750]
-    a = loss_sweep(m, lat, txt, range(24), ts, seed=3, batch_size=8)
-    b = loss_sweep(m, lat, txt, range(24), ts, seed=3, batch_size=8)
+    ts = list(range(0, 1000, 84))  # 12 timesteps x 2 captions x 24 rows = 576 jobs: 3 micro-batches, padded tail
+    ref = loss_sweep(m, lat, txt, range(24), ts, seed=3, batch_size=256)
+    for bs in (1, 7, 300, 5000):  # 7 and 300 divide neither the 576 jobs nor the micro-batch
+        assert torch.equal(
+            torch.from_numpy(loss_sweep(m, lat, txt, range(24), ts, seed=3, batch_size=bs)), torch.from_numpy(ref)
+        ), bs
     c = loss_sweep(m, lat, txt, [20, 5, 11], ts, seed=3, batch_size=8)  # other subset, order and chunking
-    assert np.array_equal(a, b) and np.array_equal(a[[20, 5, 11]], c)
-    # another batch size may pick other float32 kernels: equal up to rounding, far below any score
-    np.testing.assert_allclose(loss_sweep(m, lat, txt, range(24), ts, seed=3, batch_size=37), a, rtol=1e-6)
-    assert not np.allclose(a, loss_sweep(m, lat, txt, range(24), ts, seed=4), rtol=1e-3)
+    assert np.array_equal(ref[[20, 5, 11]], c)
+    assert not np.allclose(ref, loss_sweep(m, lat, txt, range(24), ts, seed=4), rtol=1e-3)
 
 
 def test_fisher_by_vmap_equals_the_brute_force_per_sample_loop():
@@ -253,25 +262,34 @@ def test_a_stopped_run_resumes_to_the_same_scores(twin_run, tmp_path):
         run(compose_config(other, folder), overrides=other)
 
 
+# a 6-epoch twin: cheap retrains; the numbers are not meant to separate methods here
+SMOKE = [
+    "method=unlearn",
+    "data=mscoco",
+    "tracking=none",
+    "trainer.epochs=6",
+    "method.baselines=[random,pixel]",
+    "method.queries=[0]",
+    "method.evaluation.enabled=true",
+    "method.evaluation.methods=[unlearn]",
+    "method.evaluation.ks=[4]",
+    "method.evaluation.random_seeds=1",
+    "method.evaluation.oracle=false",
+    "method.evaluation.loss_time_samples=10",
+    "method.evaluation.ddim_steps=10",
+]
+
+
+@pytest.fixture(scope="module")
+def smoke_lko(tmp_path_factory):
+    """The inline leave-K-out smoke run (retrains in the shared test cache: trained once, then read)."""
+    out = tmp_path_factory.mktemp("lko")
+    return run(compose_config(SMOKE, out), overrides=SMOKE), out
+
+
 @pytest.mark.slow
-def test_leave_k_out_smoke_gives_delta_l_delta_g_and_the_reference_is_theta0(tmp_path):
-    # a 6-epoch twin: cheap retrains; the numbers are not meant to separate methods here
-    ov = [
-        "method=unlearn",
-        "data=mscoco",
-        "tracking=none",
-        "trainer.epochs=6",
-        "method.baselines=[random,pixel]",
-        "method.queries=[0]",
-        "method.evaluation.enabled=true",
-        "method.evaluation.methods=[unlearn]",
-        "method.evaluation.ks=[4]",
-        "method.evaluation.random_seeds=1",
-        "method.evaluation.oracle=false",
-        "method.evaluation.loss_time_samples=10",
-        "method.evaluation.ddim_steps=10",
-    ]
-    report = run(compose_config(ov, tmp_path / "lko"), overrides=ov)
+def test_leave_k_out_smoke_gives_delta_l_delta_g_and_the_reference_is_theta0(smoke_lko):
+    report, out = smoke_lko
     lko = report.results["leave_k_out"]
     assert lko["reference_equals_theta0"] is True
     assert set(lko["jobs"]) == {"reference|None|0", "random|0|4", "unlearn|0|4"}
@@ -280,4 +298,77 @@ def test_leave_k_out_smoke_gives_delta_l_delta_g_and_the_reference_is_theta0(tmp
     assert lko["jobs"]["reference|None|0"]["dl"] == [0.0] and lko["jobs"]["reference|None|0"]["dg"] == [0.0]
     d = lko["table"]["unlearn"]["k4"]
     assert np.isfinite(d["dl"]["mean"]) and d["dl"]["mean"] != 0 and d["dg"]["mean"] > 0
-    assert (tmp_path / "lko" / "plots" / "delta_l_vs_k.png").is_file()
+    assert (out / "plots" / "delta_l_vs_k.png").is_file()
+    plan = json.loads((out / "retrain_plan.json").read_text())  # inline runs write the plan too
+    assert [j["uses"] for j in plan["jobs"]] == [["reference|None|0"], ["random|0|4"], ["unlearn|0|4"]]
+
+
+@pytest.mark.slow
+def test_retrains_fan_out_as_hydra_jobs_and_the_evaluation_then_only_reads_the_cache(tmp_path, smoke_lko):
+    cache, out = tmp_path / "cache", tmp_path / "eval"  # a fresh retrain cache: the Hydra jobs must fill it
+    ov = [*SMOKE, f"method.cache_dir={cache}"]
+    planned = run(compose_config([*ov, "method.evaluation.retrains=plan"], out), overrides=ov)
+    assert not planned.completed and "method.evaluation.retrains=cached" in planned.summary
+    plan_path = out / "retrain_plan.json"
+    plan = json.loads(plan_path.read_text())
+    keys = [j["key"] for j in plan["jobs"]]
+    assert plan["jobs"] == json.loads((smoke_lko[1] / "retrain_plan.json").read_text())["jobs"]
+    assert plan["jobs"][0]["removed"] == [] and plan["cache_folder"] == str((cache / "unlearn_retrains").resolve())
+    assert "method=unlearn_retrain" in plan["command"] and "method.job=0,1,2" in plan["command"]
+    cached = [*ov, "method.evaluation.retrains=cached"]
+    with pytest.raises(DataError, match=f"3 of 3 planned retrains .*first missing: {keys[0]}"):
+        run(compose_config(cached, out), overrides=cached)
+    # one Hydra job per retrain through genattr's entry point (basic launcher: the jobs run in one process)
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "launch.py"),
+            "-m",
+            "method=unlearn_retrain",
+            "data=mscoco",
+            "trainer.epochs=6",  # the twin of the evaluation (its theta0 is trained with these settings)
+            "tracking=none",
+            f"method.plan={plan_path}",
+            "method.job=0,1,2",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = [json.loads((sweep / str(i) / "results.json").read_text())["jobs"] for i in range(3)]
+    assert [j[0]["key"] for j in jobs] == keys and all(j[0]["trained"] for j in jobs)
+    assert sorted(p.stem for p in (cache / "unlearn_retrains").glob("*.safetensors")) == sorted(keys)
+    # the evaluation continues after its scoring stages (retrains is not result-shaping) and trains nothing;
+    # the reference retrain, trained by a Hydra job in another process, is theta0 bit for bit
+    done = run(compose_config(cached, out), overrides=cached)
+    lko = done.results["leave_k_out"]
+    assert done.completed and lko["retrains_run"] == 0 and lko["reference_equals_theta0"] is True
+    inline = smoke_lko[0].results["leave_k_out"]["jobs"]  # the same numbers as retraining in-process
+    assert {k: (v["dl"], v["dg"]) for k, v in lko["jobs"].items()} == {k: (v["dl"], v["dg"]) for k, v in inline.items()}
+
+
+def test_retrain_job_and_plan_errors_are_one_sentence(tmp_path, compose_cfg):
+    cfg = compose_cfg(["method=unlearn_retrain", "data=mscoco", f"method.plan={tmp_path / 'p.json'}", "method.job=2"])
+    check_compatibility(cfg)
+    assert cfg.method.job == 2 and cfg.model.name == "unet_mscoco"
+    with pytest.raises(ConfigError, match="needs method.plan"):
+        PlannedRetrain(name="unlearn_retrain", model={}, trainer={})
+    with pytest.raises(DataError, match="p.json does not exist"):
+        read_plan(tmp_path / "p.json")
+    (tmp_path / "p.json").write_text('{"version": 1}')
+    with pytest.raises(DataError, match="is not a version-1 retrain plan"):
+        read_plan(tmp_path / "p.json")
+    cfg = compose_cfg(["method=unlearn", "data=mscoco", "method.evaluation.retrains=somewhere"])
+    with pytest.raises(Exception, match="method.evaluation.retrains=somewhere is unknown"):  # (Hydra wraps it)
+        build(cfg.method, model=OmegaConf.to_container(cfg.model), trainer=OmegaConf.to_container(cfg.trainer))
+    # where retrains are trained never changes results: not part of the checkpoint fingerprint
+    a, b = (
+        compose_cfg(["method=unlearn", "data=mscoco", f"method.evaluation.retrains={m}"]) for m in ("plan", "cached")
+    )
+    c = compose_cfg(["method=unlearn", "data=mscoco", "method.evaluation.ks=[3]"])
+    assert config_fingerprint(a) == config_fingerprint(b) != config_fingerprint(c)

@@ -57,6 +57,15 @@ def build_diffusion(
     return DiffusionModel(net, DDPMScheduler(**dict(scheduler)))
 
 
+def diffusion_kwargs(model: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``model`` group as :func:`build_diffusion` arguments: what a trained model's identity hashes."""
+    return {
+        "unet": dict(model["unet"]),
+        "scheduler": dict(model.get("scheduler", {})),
+        "seed": int(model.get("init_seed", 0)),
+    }
+
+
 def load_unet_weights(net: torch.nn.Module, path: str | Path) -> None:
     """Load a UNet state dict (safetensors, or a torch file read with ``weights_only``) strictly."""
     path = Path(path)

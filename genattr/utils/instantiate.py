@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 #: Keys a group option may carry for genattr itself; they are never constructor kwargs.
-META_KEYS = ("protocol", "twin_profile", "use_twin_profile", "supports")
+META_KEYS = ("protocol", "twin_profile", "use_twin_profile", "supports", "not_result_shaping")
 
 
 def build(node: DictConfig, *, recursive: bool = False, **runtime: Any) -> Any:

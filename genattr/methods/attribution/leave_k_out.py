@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from genattr.methods.attribution.losses import loss_sweep, strided_timesteps
 from genattr.methods.attribution.training import TrainRecipe, train_coupled
 from genattr.models.diffusion import DiffusionModel, build_diffusion, ddim_sample
+from genattr.utils.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,12 @@ def data_fingerprint(latents: np.ndarray, text: np.ndarray) -> str:
 
 
 class RetrainCache:
-    """Coupled retrains of one (data, model, recipe), stored as safetensors under ``folder``."""
+    """Coupled retrains of one (data, model, recipe), stored as ``<key>.safetensors`` under ``folder``.
+
+    The key hashes the data fingerprint, the model config, the training recipe (its seed included) and
+    the sorted removed set, so a retrain trained by any process (inline, a Hydra multirun job, an earlier
+    run) is found by every evaluation that needs the same removal.
+    """
 
     def __init__(
         self,
@@ -60,18 +66,33 @@ class RetrainCache:
         self.base = {"data": data_fingerprint(latents, text), "model": self.model_cfg, "recipe": recipe.as_dict()}
         self.trained = 0  # retrains actually run (not read from the cache), for reports
 
+    @property
+    def base_hash(self) -> str:
+        """Hash of what every retrain of this cache shares (data, model, recipe and its seed)."""
+        return hashlib.sha256(json.dumps(self.base, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
     def key(self, removed: Iterable[int]) -> str:
         blob = json.dumps({**self.base, "removed": sorted(int(i) for i in removed)}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
-    def model(self, removed: Iterable[int]) -> DiffusionModel:
-        """theta_-removed, trained now or read from the cache."""
+    def path(self, removed: Iterable[int]) -> Path:
+        return self.folder / f"{self.key(removed)}.safetensors"
+
+    def has(self, removed: Iterable[int]) -> bool:
+        return self.path(removed).is_file()
+
+    def model(self, removed: Iterable[int], *, train: bool = True) -> DiffusionModel:
+        """theta_-removed, read from the cache, else trained now (``train=False``: a :class:`DataError`)."""
         removed = sorted(int(i) for i in removed)
-        path = self.folder / f"{self.key(removed)}.safetensors"
+        path = self.path(removed)
         model = build_diffusion(**self.model_cfg)
         if path.is_file():
             model.unet.load_state_dict(load_file(str(path)))
             return model
+        if not train:
+            raise DataError(
+                f"the retrain {path.stem} (without {len(removed)} images) is not in the retrain cache {self.folder}"
+            )
         log.info("coupled retrain without %d images -> %s", len(removed), path.name)
         with torch.random.fork_rng(devices=[]):
             state = train_coupled(
@@ -81,8 +102,9 @@ class RetrainCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
         os.close(fd)
-        save_file(state, tmp, metadata={"removed": json.dumps(removed)})
-        os.replace(tmp, path)
+        meta = {"removed": json.dumps(removed), "base": json.dumps(self.base, sort_keys=True, default=str)}
+        save_file(state, tmp, metadata=meta)
+        os.replace(tmp, path)  # atomic: two jobs training the same key leave one whole file
         model.unet.load_state_dict(state)
         return model
 

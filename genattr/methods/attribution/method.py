@@ -7,6 +7,9 @@ Stages, each ending in a checkpoint (``resume=auto`` continues after the last on
 1..Q. one stage per query: unlearn it, sweep the training losses again, score tau = after - before
    (max over flips), restore the weights;
 Q+1... one stage per leave-K-out retrain (reference, random-K floor, positive control, each method's top-K).
+   Where the retrains are trained is ``method.evaluation.retrains``: ``inline`` here; ``plan`` writes
+   ``<output>/retrain_plan.json`` and stops, for one Hydra job per retrain (``method=unlearn_retrain``);
+   ``cached`` only reads the retrain cache (see :mod:`genattr.methods.attribution.retrain_plan`).
 
 Per-query scores live in ``<output>/scores/query_XXXX.npz``; the Fisher and the pre-unlearning losses in
 ``<output>/state/``, so a resumed run reads them instead of recomputing.
@@ -30,6 +33,7 @@ from genattr.methods.attribution import baselines as bl
 from genattr.methods.attribution.leave_k_out import QueryProbe, RetrainCache, deltas
 from genattr.methods.attribution.losses import loss_sweep, max_over_flips, strided_timesteps
 from genattr.methods.attribution.plots import plot_delta_vs_k, plot_query_grid
+from genattr.methods.attribution.retrain_plan import PLAN_FILE, build_plan, missing_jobs, write_plan
 from genattr.methods.attribution.training import recipe_from_trainer
 from genattr.methods.attribution.unlearning import (
     diagonal_fisher,
@@ -50,20 +54,15 @@ from genattr.metrics.attribution import (
     ranking,
     recall_at_k,
 )
-from genattr.models.diffusion import DiffusionModel, build_diffusion, load_unet_weights
+from genattr.models.diffusion import DiffusionModel, build_diffusion, diffusion_kwargs, load_unet_weights
 from genattr.utils.errors import ConfigError, DataError
 from genattr.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 BASELINES = ("random", "pixel", "text", "influence")
-
-
-def _model_cfg(model: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "unet": dict(model["unet"]),
-        "scheduler": dict(model.get("scheduler", {})),
-        "seed": int(model.get("init_seed", 0)),
-    }
+#: where leave-K-out retrains are trained: in this process, by Hydra jobs from a plan file (stop after writing
+#: it), or only read from the cache (fail naming the missing ones)
+RETRAIN_MODES = ("inline", "plan", "cached")
 
 
 def _load_fisher(path: Path, names: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -104,7 +103,7 @@ class AttributionByUnlearning:
         self.name = name
         if "unet" not in model:
             raise ConfigError("method=unlearn needs a diffusion model config with model.unet (e.g. model=unet_mscoco)")
-        self.model_cfg = _model_cfg(model)
+        self.model_cfg = diffusion_kwargs(model)
         self.recipe = recipe_from_trainer(trainer)
         self.weights = weights
         self.unlearn_cfg, self.fisher_cfg, self.sweep_cfg = dict(unlearn), dict(fisher), dict(sweep)
@@ -117,6 +116,9 @@ class AttributionByUnlearning:
         self.recall_ks = [int(k) for k in recall_ks]
         self.plot_top_k = int(plot_top_k)
         self.eval_cfg = dict(evaluation or {})
+        mode = self.eval_cfg.get("retrains", "inline")
+        if mode not in RETRAIN_MODES:
+            raise ConfigError(f"method.evaluation.retrains={mode} is unknown; choose one of {list(RETRAIN_MODES)}")
         self.noise_seed = int(noise_seed)
         self.cache_dir = Path(cache_dir or ".cache").expanduser()
 
@@ -322,6 +324,14 @@ class AttributionByUnlearning:
             }
         )
         summary = " ".join(f"mAP[{m}]={v:.3f}" for m, v in results.get("map", {}).items())
+        if "command" in results.get("leave_k_out", {}):
+            lko = results["leave_k_out"]
+            summary += (
+                f"\nretrain plan {lko['retrain_plan']} ({lko['n_jobs']} jobs); train it with (plus this run's "
+                "data/model/trainer overrides)\n"
+                f"  {lko['command']}\n"
+                "then run this command again with method.evaluation.retrains=cached"
+            )
         return Report(metrics, results, artifacts, summary=summary or "AbU scores written", completed=completed)
 
     def _resume(self, ctx: RunContext) -> int:
@@ -446,9 +456,37 @@ class AttributionByUnlearning:
             num_train_timesteps=theta0.num_timesteps,
             device=ctx.accelerator.device,
         )
+        mode = str(cfg.get("retrains", "inline"))
+        plan = build_plan(cache, [(f"{kd}|{w}|{k}", rm) for kd, w, k, rm in jobs])
+        plan_path = ctx.output_dir / PLAN_FILE
+        if ctx.accelerator.is_main_process:
+            plan = write_plan(plan_path, plan, protocol.name)
+        ctx.accelerator.wait_for_everyone()
+        if mode == "plan":
+            log.warning(
+                "retrain plan written to %s; train its %d jobs with (plus this run's data/model/trainer overrides):"
+                "\n  %s\nthen run again with "
+                "method.evaluation.retrains=cached",
+                plan_path,
+                len(plan["jobs"]),
+                plan.get("command"),
+            )
+            todo = {"retrain_plan": str(plan_path), "n_jobs": len(plan["jobs"]), "command": plan.get("command")}
+            return todo, {}, [plan_path], False
+        if mode == "cached":
+            absent = missing_jobs(plan, cache)
+            if absent:
+                first = absent[0]
+                raise DataError(
+                    f"method.evaluation.retrains=cached: {len(absent)} of {len(plan['jobs'])} planned retrains are "
+                    f"not in {cache.folder} (first missing: {first['key']}, job {first['index']}, for "
+                    f"{', '.join(first['uses'])}); train them with `{plan.get('command')}` (plus this run's "
+                    "data/model/trainer overrides), then run this again"
+                )
+        train = mode == "inline"
         found = ctx.checkpoints.latest()
         done: dict[str, Any] = dict(found[1].get("lko", {})) if found else {}
-        ref_model = cache.model([])
+        ref_model = cache.model([], train=train)
         ref = probe.measure(ref_model)
         theta0_state = theta0.unet.state_dict()
         same = all(torch.equal(v.cpu(), theta0_state[k].cpu()) for k, v in ref_model.unet.state_dict().items())
@@ -463,7 +501,7 @@ class AttributionByUnlearning:
             if key in done:
                 continue
             t0 = time.perf_counter()
-            model = ref_model if not removed else cache.model(removed)
+            model = ref_model if not removed else cache.model(removed, train=train)
             dl, dg = deltas(ref, probe.measure(model))
             done[key] = {
                 "kind": kind,
@@ -505,6 +543,20 @@ class AttributionByUnlearning:
                     if what == "dl":
                         curves.setdefault(m, {})[k] = (g["mean"], g["se"])
                 metrics[f"lko/{what}/random/k{k}"] = float(np.mean([np.mean(f) for f in floor]))
+        # head to head: paired per-query differences between every two methods at each K
+        pairwise: dict[str, Any] = {}
+        for i, a in enumerate(methods):
+            for b in methods[i + 1 :]:
+                for k in ks:
+                    for what in ("dl", "dg"):
+                        diff = [done[f"{a}|{q}|{k}"][what][qi[q]] - done[f"{b}|{q}|{k}"][what][qi[q]] for q in eval_q]
+                        mean, se = mean_se(diff)
+                        z = mean / se if se > 0 else None
+                        pairwise.setdefault(f"{a}-{b}", {}).setdefault(f"k{k}", {})[what] = {
+                            "mean": mean,
+                            "se": se,
+                            "z": z,
+                        }
         control: dict[str, Any] = {}
         if oracle:
             for what in ("dl", "dg"):
@@ -524,6 +576,7 @@ class AttributionByUnlearning:
             "ks": ks,
             "table": table,
             "positive_control": control,
+            "pairwise": pairwise,
             "valid": bool(control.get("dl", {}).get("clears_floor", True)),
             "reference_equals_theta0": same,
             "retrains_run": trained,
