@@ -20,10 +20,10 @@ from pathlib import Path
 
 import yaml
 
+from genattr.config import PROJECT_ROOT
 from genattr.tracking.sweep import RUN_INFO_FILE
 from genattr.utils.git import git_info
 
-ROOT = Path(__file__).resolve().parents[1]
 #: Overrides that would point the replay somewhere else or start it fresh.
 _DROPPED = ("resume=", "hydra.run.dir=", "hydra.sweep.dir=", "hydra.sweep.subdir=")
 
@@ -35,7 +35,7 @@ def replay_command(run_dir: Path, extra: list[str]) -> list[str]:
         raise SystemExit(f"error: {overrides_file} does not exist; RUN= must be a genattr run or sweep-job dir")
     recorded = yaml.safe_load(overrides_file.read_text()) or []
     kept = [o for o in recorded if not o.lstrip("+~").startswith(_DROPPED)]
-    return [sys.executable, str(ROOT / "launch.py"), *kept, *extra, f"hydra.run.dir={run_dir}", "resume=auto"]
+    return [sys.executable, str(PROJECT_ROOT / "launch.py"), *kept, *extra, f"hydra.run.dir={run_dir}", "resume=auto"]
 
 
 def check_commit(run_dir: Path, allow_other: bool) -> None:
@@ -44,7 +44,7 @@ def check_commit(run_dir: Path, allow_other: bool) -> None:
         print(f"warning: {info_file} is missing; cannot check that the code is the run's commit", file=sys.stderr)
         return
     recorded = json.loads(info_file.read_text()).get("git_sha", "unknown")
-    now = git_info(ROOT)
+    now = git_info(PROJECT_ROOT)
     if recorded not in ("unknown", now["git_sha"]):
         message = f"the run was made at commit {recorded}, the checkout is at {now['git_sha']}"
         if not allow_other:

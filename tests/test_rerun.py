@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -21,27 +22,12 @@ TINY = ["debug=default", "data.twin.n_train=8", "data.twin.n_val=8", "data.tasks
 def test_rerun_continues_a_stopped_run_in_the_same_dir(tmp_path):
     run_dir = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    first = subprocess.run(
-        [sys.executable, str(ROOT / "launch.py"), *TINY, "stop_after_task=0", f"hydra.run.dir={run_dir}"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=600,
-        check=False,
-    )
+    run = partial(subprocess.run, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600, check=False)
+    first = run([sys.executable, str(ROOT / "launch.py"), *TINY, "stop_after_task=0", f"hydra.run.dir={run_dir}"])
     assert first.returncode == 0, first.stderr[-3000:]
     assert json.loads((run_dir / "results.json").read_text())["completed"] is False
     assert "stop_after_task=0" in (run_dir / ".hydra" / "overrides.yaml").read_text()
-    again = subprocess.run(
-        [sys.executable, "-m", "genattr.rerun", str(run_dir), "stop_after_task=null"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=600,
-        check=False,
-    )
+    again = run([sys.executable, "-m", "genattr.rerun", str(run_dir), "stop_after_task=null"])
     assert again.returncode == 0, again.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["completed"] is True and len(results["acc_matrix"]) == 2

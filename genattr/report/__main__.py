@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from genattr.report.runs import select
+from genattr.report.runs import project_root, select
 from genattr.report.table import default_metrics, group_runs, mean_std, to_csv, to_markdown
 from genattr.tracking.plots import plot_ablation_bars
 from genattr.utils.errors import GenattrError
@@ -37,8 +37,7 @@ def build_report(
         raise GenattrError(f"the runs of {target!r} have no final/* metrics; name some with --metrics")
     groups = group_runs(selection.runs, names)
     if out is None:
-        root = Path(__file__).resolve().parents[2]
-        out = selection.sweep_dir / "report" if selection.sweep_dir else root / "reports" / selection.label
+        out = selection.sweep_dir / "report" if selection.sweep_dir else project_root() / "reports" / selection.label
     out.mkdir(parents=True, exist_ok=True)
     markdown = out / "report.md"
     markdown.write_text(to_markdown(groups, names, f"Ablation report: {selection.label}"))

@@ -13,6 +13,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
+from genattr.config import PROJECT_ROOT
 from genattr.tracking import sweep
 from genattr.tracking.mlflow import check_tracking_uri
 from genattr.utils.errors import ConfigError
@@ -30,10 +31,14 @@ class Selection:
     sweep_dir: Path | None = None
 
 
+def project_root() -> Path:
+    """``paths.root_dir`` outside Hydra: ``GENATTR_ROOT``, else the checkout (``conf/paths/default.yaml``)."""
+    return Path(os.environ.get("GENATTR_ROOT", PROJECT_ROOT))
+
+
 def default_tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI``, else the project's local store (what ``conf/tracking/mlflow.yaml`` uses)."""
-    root = Path(os.environ.get("GENATTR_ROOT", Path(__file__).resolve().parents[2]))
-    return os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    return os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{project_root() / 'mlflow.db'}")
 
 
 def _search(client: MlflowClient, experiment_ids: list[str], query: str) -> list[Run]:

@@ -143,8 +143,8 @@ class SweepTracking(Callback):
         (self._sweep_dir / sweep.STATE_DIR).mkdir(parents=True, exist_ok=True)
         summary = self._sweep_dir / sweep.STATE_DIR / "summary.txt"
         summary.write_text(text)
-        sweep.write_parent(self._sweep_dir, (sweep.read_parent(self._sweep_dir) or {}) | {"jobs": rows})
-        parent = sweep.read_parent(self._sweep_dir) or {}
+        parent = (sweep.read_parent(self._sweep_dir) or {}) | {"jobs": rows}
+        sweep.write_parent(self._sweep_dir, parent)
         if self._config is None or not parent.get("parent_run_id"):
             return
         try:
