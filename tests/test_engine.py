@@ -8,6 +8,7 @@ import pytest
 
 from genattr.engine.checkpoint import Checkpointer
 from genattr.engine.distributed import export_torch_distributed_env
+from genattr.utils.errors import ConfigError
 
 
 def test_checkpoints_are_committed_by_rename_and_pruned(tmp_path):
@@ -26,6 +27,18 @@ def test_checkpoints_are_committed_by_rename_and_pruned(tmp_path):
     with pytest.raises(RuntimeError):
         ck.save(3, crash, {"task": 3})
     assert ck.latest()[1]["task"] == 2  # the half-written task 3 is invisible
+
+
+def test_latest_for_refuses_other_settings_or_tasks(tmp_path):
+    ck = Checkpointer(tmp_path)
+    assert ck.latest_for("abc", ["t0"]) is None
+    ck.save(0, lambda folder: None, {"task": 0, "config_fingerprint": "abc", "task_names": ["t0", "t1"]})
+    assert ck.latest_for("abc", ("t0", "t1"))[1]["task"] == 0
+    assert ck.latest_for("abc")[1]["task"] == 0  # no task sequence to compare
+    with pytest.raises(ConfigError, match="other settings"):
+        ck.latest_for("xyz")
+    with pytest.raises(ConfigError, match=r"is for tasks \['t0', 't1'\], not these"):
+        ck.latest_for("abc", ["t0", "t2"])
 
 
 def test_submitit_slurm_env_is_exported_before_accelerate(monkeypatch):

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +66,18 @@ class Checkpointer:
         with open(done[-1] / "state.json") as fh:
             return done[-1], json.load(fh)
 
-    def latest_for(self, fingerprint: str) -> tuple[Path, dict[str, Any]] | None:
-        """:meth:`latest`, refused with a sentence when it was written with other result-shaping settings."""
+    def latest_for(
+        self, fingerprint: str, task_names: Sequence[str] | None = None
+    ) -> tuple[Path, dict[str, Any]] | None:
+        """:meth:`latest`, refused with a sentence when it was written with other result-shaping settings or,
+        when ``task_names`` is given, for another task sequence (a protocol whose data changed under the same
+        overrides)."""
         found = self.latest()
         if found is not None and found[1].get("config_fingerprint") != fingerprint:
             raise ConfigError(
                 f"the checkpoint {found[0]} was written with other settings; continue it with the same "
                 "overrides, or start fresh with resume=never (or another hydra.run.dir)."
             )
+        if found is not None and task_names is not None and found[1].get("task_names") != list(task_names):
+            raise ConfigError(f"the checkpoint {found[0]} is for tasks {found[1].get('task_names')}, not these.")
         return found

@@ -203,12 +203,10 @@ class ForgettingLoop:
         self.acc.wait_for_everyone()
 
     def _restore(self, net: nn.Module) -> int:
-        found = self.ctx.checkpoints.latest_for(self.ctx.config_fingerprint)
+        found = self.ctx.checkpoints.latest_for(self.ctx.config_fingerprint, self.protocol.task_names)
         if found is None:
             return 0
         folder, state = found
-        if state["task_names"] != self.protocol.task_names:
-            raise ConfigError(f"the checkpoint {folder} is for tasks {state['task_names']}, not these.")
         net.load_state_dict(load_file(str(folder / "model.safetensors")))
         self.rows = list(state["rows"])
         self.pre_correct = np.asarray(state["pretrain_correct"])
