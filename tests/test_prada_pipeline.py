@@ -26,9 +26,9 @@ from genattr.methods.provenance.classes import candidate_classes
 from genattr.methods.provenance.decision import ZScorer, argmax_or_outlier, assign_family, fit_thresholds
 from genattr.methods.provenance.inverse import augment, level_at
 from genattr.methods.provenance.likelihood import logmeanexp, scale_slices, summary_features, token_loglik
-from genattr.methods.provenance.method import STAGES, ModelTracer
+from genattr.methods.provenance.method import STAGES, ModelTracer, score_training_rows
 from genattr.methods.provenance.outputs import write_submission
-from genattr.methods.provenance.score_function import ScoreFunction, fit_score_function, score
+from genattr.methods.provenance.score_function import ScoreFunction, fit_score_function, prada_negatives, score
 from genattr.methods.provenance.signals import signals_batch
 from genattr.metrics.detection import auroc
 from genattr.metrics.provenance import confusion, tracing_metrics
@@ -279,6 +279,16 @@ def test_method_rejects_bad_flags() -> None:
         ModelTracer(name="prada", class_source="guess")
     with pytest.raises(ConfigError, match="signal"):
         ModelTracer(name="prada", stage1={"signal": "psnr"})
+    with pytest.raises(ConfigError, match=r"method\.prada\.negatives=\['real'\]"):
+        ModelTracer(name="prada", prada={"negatives": ["real"]})
+    with pytest.raises(ConfigError, match="non-empty"):
+        ModelTracer(name="prada", prada={"negatives": []})
+    assert prada_negatives({"negatives": "val_outliers"}) == ["val_outliers"]
+    labels = np.asarray(["var16", "var20", "rarb", "rarl", "var16"])
+    assert score_training_rows(labels, "var16", ["other_family"]).tolist() == [True, False, True, True, True]
+    assert score_training_rows(labels, "var16", ["same_family"]).tolist() == [True, True, False, False, True]
+    assert score_training_rows(labels, "rarl", ["val_outliers"]).tolist() == [False, False, False, True, False]
+    assert prada_negatives({"negatives": ["val_outliers", "other_family"]}) == ["other_family", "val_outliers"]
 
 
 # ---------------------------------------------------------------------------------------------- configs

@@ -48,7 +48,7 @@ from genattr.methods.provenance.inverse import (
 )
 from genattr.methods.provenance.likelihood import prada_features, scale_slices, summary_features
 from genattr.methods.provenance.outputs import plot_confusion, plot_histograms, write_submission
-from genattr.methods.provenance.score_function import fit_score_function, score
+from genattr.methods.provenance.score_function import fit_score_function, prada_negatives, score
 from genattr.methods.provenance.signals import QuantizerSpec, compute_signals, greedy_tokens
 from genattr.metrics.detection import auroc
 from genattr.metrics.provenance import confusion, tracing_metrics
@@ -61,6 +61,17 @@ PIPELINES = ("two_stage", "one_step")
 SPLITS = ("train", "val", "test")
 SIGNALS = ("quant", "enc", "comb")
 STAGES = {"two_stage": ("models", "family", "variant"), "one_step": ("models", "features", "score_functions")}
+
+
+def score_training_rows(train_labels: np.ndarray, variant: str, negatives: list[str]) -> np.ndarray:
+    """Mask of the train images a variant's score function sees: its own, plus the negative sources asked for."""
+    fam = np.asarray([FAMILY_OF[lab] for lab in train_labels])
+    own_family = fam == FAMILY_OF[variant]
+    return (
+        (train_labels == variant)
+        | (own_family & ("same_family" in negatives))
+        | (~own_family & ("other_family" in negatives))
+    )
 
 
 class ModelTracer:
@@ -110,6 +121,7 @@ class ModelTracer:
             raise ConfigError("method.pairs.source must be auto|metadata|generate")
         if self.prada_cfg.get("tokens", "greedy_original") not in ("greedy_original", "stage1"):
             raise ConfigError("method.prada.tokens must be greedy_original|stage1")
+        prada_negatives(self.prada_cfg)  # fail at construction, not after the feature stage
         self._images: dict[str, torch.Tensor] = {}
         self._resumed: list[str] = []
 
@@ -476,17 +488,24 @@ class ModelTracer:
 
     def _stage_score_functions(self, protocol, state, ctx) -> None:
         cfg = self.prada_cfg
+        negatives = prada_negatives(cfg)
         train_labels = np.asarray(protocol.train.labels)
-        use_val = bool(cfg.get("val_outliers_as_negatives", True))
-        val_out = np.flatnonzero(np.asarray(protocol.val.labels) == OUTLIER) if use_val else np.zeros(0, int)
+        val_out = np.flatnonzero(np.asarray(protocol.val.labels) == OUTLIER)
+        if "val_outliers" not in negatives:
+            val_out = val_out[:0]
+        n_neg = {}
         for v in LABELS[:8]:
             f = FAMILY_OF[v]
             scales = scale_slices(state["meta"]["patch_nums"][f], int(state["meta"]["num_tokens"][f]))
-            x = state["arrays"][f"pf_{v}_train"]
-            y = (train_labels == v).astype(np.float32)
+            keep = score_training_rows(train_labels, v, negatives)
+            x = state["arrays"][f"pf_{v}_train"][keep]
+            y = (train_labels[keep] == v).astype(np.float32)
             if len(val_out):
                 x = np.concatenate([x, state["arrays"][f"pf_{v}_val"][val_out]])
                 y = np.concatenate([y, np.zeros(len(val_out), np.float32)])
+            n_neg[v] = int((y == 0).sum())
+            if not n_neg[v]:
+                raise ConfigError(f"method.prada.negatives={negatives} leaves no negative images for {v}")
             model, hist = fit_score_function(
                 x,
                 y,
@@ -505,7 +524,11 @@ class ModelTracer:
             state["tensors"].update({f"score.{v}.{k}": t.detach().cpu() for k, t in model.state_dict().items()})
             for s in SPLITS:
                 state["arrays"][f"score_{v}_{s}"] = score(model, state["arrays"][f"pf_{v}_{s}"])
-        state["meta"]["prada"] = {"val_outliers_as_negatives": use_val, "n_val_outliers_used": int(len(val_out))}
+        state["meta"]["prada"] = {
+            "negatives": negatives,
+            "n_val_outliers_used": int(len(val_out)),
+            "n_negatives": n_neg,
+        }
 
     def _predict_one_step(self, state) -> dict[str, list[str]]:
         floor = float(self.prada_cfg.get("threshold", 0.0))
@@ -568,7 +591,7 @@ class ModelTracer:
             "stage2.calibration": self.s2.get("calibration", "logreg"),
             "stage2.outlier_gate": dict(self.s2.get("outlier_gate") or {}),
             "prada.tokens": self.prada_cfg.get("tokens", "greedy_original"),
-            "prada.val_outliers_as_negatives": self.prada_cfg.get("val_outliers_as_negatives", True),
+            "prada.negatives": prada_negatives(self.prada_cfg),
             "prada.threshold": self.prada_cfg.get("threshold", 0.0),
             "prada.balance": self.prada_cfg.get("balance", True),
         }

@@ -11,11 +11,29 @@ an image is the max or log-mean-exp of the per-candidate scores (the same in tra
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+from genattr.utils.errors import ConfigError
+
+#: where a model's score function takes its negative images from: train images of the other variants of its
+#: family, train images of the other family, and the labelled outliers of val
+NEGATIVE_SOURCES = ("same_family", "other_family", "val_outliers")
+
+
+def prada_negatives(cfg: Mapping[str, object]) -> list[str]:
+    """The validated ``method.prada.negatives`` list (default: all three sources, one-vs-rest)."""
+    raw = cfg.get("negatives", list(NEGATIVE_SOURCES))
+    items = [raw] if isinstance(raw, str) else list(raw or [])  # type: ignore[call-overload]
+    bad = [x for x in items if x not in NEGATIVE_SOURCES]
+    if bad or not items:
+        raise ConfigError(
+            f"method.prada.negatives={items}: give a non-empty subset of {list(NEGATIVE_SOURCES)} (unknown: {bad})"
+        )
+    return [x for x in NEGATIVE_SOURCES if x in items]
 
 
 class ScoreFunction(nn.Module):
