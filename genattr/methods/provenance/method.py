@@ -121,7 +121,7 @@ class ModelTracer:
             raise ConfigError("method.pairs.source must be auto|metadata|generate")
         if self.prada_cfg.get("tokens", "greedy_original") not in ("greedy_original", "stage1"):
             raise ConfigError("method.prada.tokens must be greedy_original|stage1")
-        prada_negatives(self.prada_cfg)  # fail at construction, not after the feature stage
+        self.negatives = prada_negatives(self.prada_cfg)  # validated here, not after the feature stage
         self._images: dict[str, torch.Tensor] = {}
         self._resumed: list[str] = []
 
@@ -487,8 +487,7 @@ class ModelTracer:
                         )
 
     def _stage_score_functions(self, protocol, state, ctx) -> None:
-        cfg = self.prada_cfg
-        negatives = prada_negatives(cfg)
+        cfg, negatives = self.prada_cfg, self.negatives
         train_labels = np.asarray(protocol.train.labels)
         val_out = np.flatnonzero(np.asarray(protocol.val.labels) == OUTLIER)
         if "val_outliers" not in negatives:
@@ -591,7 +590,7 @@ class ModelTracer:
             "stage2.calibration": self.s2.get("calibration", "logreg"),
             "stage2.outlier_gate": dict(self.s2.get("outlier_gate") or {}),
             "prada.tokens": self.prada_cfg.get("tokens", "greedy_original"),
-            "prada.negatives": prada_negatives(self.prada_cfg),
+            "prada.negatives": self.negatives,
             "prada.threshold": self.prada_cfg.get("threshold", 0.0),
             "prada.balance": self.prada_cfg.get("balance", True),
         }
