@@ -5,6 +5,8 @@ All figures come from one process on the same randomly initialised models (weigh
 256×256; ``--scale twin`` the twin's tiny configs at 32×32 (CPU-sized). Stage 1 = every signal of one image
 (encode, quantise, three decodes, one re-encode); Stage 2 = teacher-forced ℓ_c, ℓ_u and guided log-likelihood
 of one image under one variant for one candidate class (multiply by 4 variants × K' classes per family).
+Sampling (how fast ``pairs.source=generate`` makes inverse-decoder pairs) is timed with the KV cache and with
+the prefix recomputed every step; both draw the same tokens.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="default: 16 real, 64 twin")
     p.add_argument("--alg3-iters", type=int, default=None, help="Adam steps per round (paper: 200; default 50 real)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sample-batch", type=int, default=8, help="images per sampling call (CFG doubles the batch)")
     p.add_argument("--out", default="bench_results/prada.json")
 
 
@@ -53,6 +56,21 @@ def _stage1(tok, images, spec: QuantizerSpec, device, repeats: int) -> dict[str,
     reset_peak(device)
     sec = timed(lambda: signals_batch(tok, images, quantize), device, warmup=1, repeats=repeats)
     return {"images_per_s": len(images) / sec, "seconds_per_batch": sec, "peak_mb": peak_memory_mb(device)}
+
+
+def _sampling(gen, labels: torch.Tensor, device: torch.device, repeats: int) -> dict[str, Any]:
+    """Images/s of ``gen.sample`` with and without the KV cache, same labels and seed."""
+    out: dict[str, Any] = {"batch": len(labels)}
+    for name, cached in (("kv_cache", True), ("recompute", False)):
+        reset_peak(device)
+
+        def run(cached: bool = cached) -> torch.Tensor:
+            return gen.sample(labels, torch.Generator(device=device).manual_seed(0), kv_cache=cached)
+
+        sec = timed(run, device, warmup=1, repeats=repeats)
+        out[name] = {"images_per_s": len(labels) / sec, "peak_mb": peak_memory_mb(device)}
+    out["kv_cache_speedup"] = out["kv_cache"]["images_per_s"] / out["recompute"]["images_per_s"]
+    return out
 
 
 def main(args: argparse.Namespace) -> int:
@@ -94,6 +112,7 @@ def main(args: argparse.Namespace) -> int:
             "images_per_s_per_variant_per_class": bs / sec,
             "peak_mb": peak_memory_mb(device),
         }
+        fam_res["sampling"] = _sampling(gen, labels[: args.sample_batch], device, max(1, args.repeats - 1))
         res[fam] = fam_res
         tok.cpu(), gen.cpu()
         if device.type == "cuda":

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import nn
 
-from genattr.models.autoregressive.common import sample_logits, scoring_mode
+from genattr.models.autoregressive.common import KVCache, sample_logits, scoring_mode
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -33,10 +33,14 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None, block: int = 0
+    ) -> torch.Tensor:
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
+        if cache is not None:
+            k, v = cache.extend(block, k, v)
         drop = self.attn_drop.p if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
@@ -51,9 +55,11 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, mlp_hidden, act_layer=nn.GELU, drop=drop)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, c: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, c: torch.Tensor, cache: KVCache | None = None, block: int = 0
+    ) -> torch.Tensor:
         sh_a, sc_a, g_a, sh_m, sc_m, g_m = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + g_a * self.attn(_modulate(self.norm1(x), sh_a, sc_a), mask)
+        x = x + g_a * self.attn(_modulate(self.norm1(x), sh_a, sc_a), mask, cache, block)
         return x + g_m * self.mlp(_modulate(self.norm2(x), sh_m, sc_m))
 
 
@@ -198,13 +204,47 @@ class RARGenerator(nn.Module):
         with scoring_mode(self):
             return self.forward_fn(prefix, self.condition_ids(labels))[:, -1:]
 
+    def cached_step(self, ids: torch.Tensor, cond_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits [B, 1, V] of the next token after running only the new positions ``ids`` through the blocks.
+
+        Position j of the model's sequence [cls, condition, t0, …] gets ``pos_embed[j]``, the target-aware
+        embedding of the token it predicts (``target_aware_pos_embed[j + 1]``, none for the cls token) and adaLN
+        condition embedding(condition) + ``timesteps_embeddings[j]``: exactly what :meth:`forward_fn` adds in
+        raster order, so cached and recomputed logits agree. The first call passes the condition ids as ``ids``
+        (the cls token is prepended here); later calls pass the token sampled last.
+        """
+        b = ids.shape[0]
+        start = cache.length
+        x = self.embeddings(ids)
+        if start == 0:
+            x = torch.cat((self.cls_token.expand(b, -1, -1), x), 1)
+        end = start + x.shape[1]
+        pos = torch.arange(start, end, device=ids.device)
+        tpos = self.target_aware_pos_embed[0, (pos + 1).clamp_max(self.target_aware_pos_embed.shape[1] - 1)]
+        tpos = torch.where((pos == 0)[:, None], torch.zeros_like(tpos), tpos)
+        x = x + self.pos_embed[0, pos] + tpos
+        c = self.embeddings(cond_ids).view(b, 1, -1) + self.timesteps_embeddings[:, start:end]
+        mask = self.attn_mask[start:end, :end] if end - start > 1 else None
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, mask, c, cache, i)
+        return self.lm_head(self.adaln_before_head(x[:, -1:], c[:, -1:]))
+
     @torch.no_grad()
-    def sample(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def sample(self, labels: torch.Tensor, generator: torch.Generator, *, kv_cache: bool = True) -> torch.Tensor:
+        """Raster-order sampling with CFG; ``kv_cache=False`` recomputes the prefix every step (same tokens)."""
         b = labels.shape[0]
         both = torch.cat((labels, torch.full_like(labels, self.null_class)))
+        cond_ids = self.condition_ids(both)
         tokens = labels.new_zeros(b, 0)
-        for step in range(self.image_seq_len):
-            logits = self.prefix_logits(tokens.repeat(2, 1), both)
-            guided = self.guided_logits(logits[:b], logits[b:], start=step)
-            tokens = torch.cat((tokens, sample_logits(guided, generator)), 1)
+        with scoring_mode(self):
+            cache = KVCache(len(self.blocks))
+            for step in range(self.image_seq_len):
+                if kv_cache:
+                    logits = self.cached_step(
+                        cond_ids.view(-1, 1) if step == 0 else tokens[:, -1:].repeat(2, 1), cond_ids, cache
+                    )
+                else:
+                    logits = self.prefix_logits(tokens.repeat(2, 1), both)
+                guided = self.guided_logits(logits[:b], logits[b:], start=step)
+                tokens = torch.cat((tokens, sample_logits(guided, generator)), 1)
         return tokens

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import nn
 
-from genattr.models.autoregressive.common import sample_logits, scoring_mode, top_k_top_p_mask
+from genattr.models.autoregressive.common import KVCache, sample_logits, scoring_mode, top_k_top_p_mask
 
 
 class SelfAttention(nn.Module):
@@ -41,13 +41,17 @@ class SelfAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
         self.attn_drop = attn_drop
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attn_bias: torch.Tensor | None, cache: KVCache | None = None, block: int = 0
+    ) -> torch.Tensor:
         b, n, c = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         q, k, v = F.linear(x, self.mat_qkv.weight, bias).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.attn_l2_norm:
             q = F.normalize(q, dim=-1).mul(self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp())
             k = F.normalize(k, dim=-1)
+        if cache is not None:
+            k, v = cache.extend(block, k, v)
         drop = self.attn_drop if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=drop, scale=self.scale)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
@@ -76,9 +80,17 @@ class AdaLNSelfAttn(nn.Module):
         self.ln_wo_grad = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cond: torch.Tensor,
+        attn_bias: torch.Tensor | None,
+        cache: KVCache | None = None,
+        block: int = 0,
+    ) -> torch.Tensor:
         g1, g2, s1, s2, sh1, sh2 = self.ada_lin(cond).view(-1, 1, 6, self.C).unbind(2)
-        x = x + self.drop_path(self.attn(self.ln_wo_grad(x).mul(s1.add(1)).add(sh1), attn_bias).mul(g1))
+        h = self.attn(self.ln_wo_grad(x).mul(s1.add(1)).add(sh1), attn_bias, cache, block)
+        x = x + self.drop_path(h.mul(g1))
         return x + self.drop_path(self.ffn(self.ln_wo_grad(x).mul(s2.add(1)).add(sh2)).mul(g2))
 
 
@@ -255,13 +267,42 @@ class VARGenerator(nn.Module):
             logits = self.forward_inputs(labels, self.tokenizer.teacher_forcing_input(prefix))
         return logits[:, prefix.shape[1] :]
 
+    def cached_step(self, labels: torch.Tensor, x_scale: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
+        """Logits of the next scale's tokens, running only that scale through the blocks.
+
+        ``x_scale`` is the scale's teacher-forcing input [B, pn², Cvae] (``None`` for the first scale, whose
+        input is SOS). Its queries attend to every cached earlier scale and to the whole scale itself, which is
+        what the block-causal mask of :meth:`forward_inputs` allows, so no mask is needed.
+        """
+        b = labels.shape[0]
+        start = cache.length
+        cond = self.class_emb(labels)
+        if x_scale is None:
+            x = cond.unsqueeze(1).expand(b, self.first_l, -1) + self.pos_start.expand(b, -1, -1)
+        else:
+            x = self.word_embed(x_scale.float())
+        end = start + x.shape[1]
+        x = x + self.lvl_embed(self.lvl_1L[:, start:end].expand(b, -1)) + self.pos_1LC[:, start:end]
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, cond, None, cache, i)
+        return self.head(self.head_nm(x.float(), cond).float()).float()
+
     @torch.no_grad()
-    def sample(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def sample(self, labels: torch.Tensor, generator: torch.Generator, *, kv_cache: bool = True) -> torch.Tensor:
+        """Next-scale sampling with the CFG ramp and top-k / top-p; ``kv_cache=False`` recomputes the prefix."""
         b = labels.shape[0]
         both = torch.cat((labels, torch.full_like(labels, self.null_class)))
         tokens = labels.new_zeros(b, 0)
-        for _ in self.patch_nums:
-            logits = self.prefix_logits(tokens.repeat(2, 1), both)
-            guided = self.guided_logits(logits[:b], logits[b:], start=tokens.shape[1])
-            tokens = torch.cat((tokens, sample_logits(guided, generator, top_k=self.top_k, top_p=self.top_p)), 1)
+        with scoring_mode(self):
+            cache = KVCache(len(self.blocks))
+            for pn in self.patch_nums:
+                if not kv_cache:
+                    logits = self.prefix_logits(tokens.repeat(2, 1), both)
+                elif tokens.shape[1] == 0:
+                    logits = self.cached_step(both, None, cache)
+                else:
+                    x_next = self.tokenizer.teacher_forcing_input(tokens.repeat(2, 1))[:, -pn * pn :]
+                    logits = self.cached_step(both, x_next, cache)
+                guided = self.guided_logits(logits[:b], logits[b:], start=tokens.shape[1])
+                tokens = torch.cat((tokens, sample_logits(guided, generator, top_k=self.top_k, top_p=self.top_p)), 1)
         return tokens
