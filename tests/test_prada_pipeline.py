@@ -29,7 +29,7 @@ from genattr.methods.provenance.likelihood import logmeanexp, scale_slices, summ
 from genattr.methods.provenance.method import STAGES, ModelTracer, score_training_rows
 from genattr.methods.provenance.outputs import write_submission
 from genattr.methods.provenance.score_function import ScoreFunction, fit_score_function, prada_negatives, score
-from genattr.methods.provenance.signals import signals_batch
+from genattr.methods.provenance.signals import quant_loss_per_sample, signals_batch
 from genattr.metrics.detection import auroc
 from genattr.metrics.provenance import confusion, tracing_metrics
 from genattr.tracking.base import NullTracker
@@ -279,6 +279,8 @@ def test_method_rejects_bad_flags() -> None:
         ModelTracer(name="prada", class_source="guess")
     with pytest.raises(ConfigError, match="signal"):
         ModelTracer(name="prada", stage1={"signal": "psnr"})
+    with pytest.raises(ConfigError, match=r"method\.stage1\.quant_reduce='max'"):
+        ModelTracer(name="prada", stage1={"quant_reduce": "max"})
     with pytest.raises(ConfigError, match=r"method\.prada\.negatives=\['real'\]"):
         ModelTracer(name="prada", prada={"negatives": ["real"]})
     with pytest.raises(ConfigError, match="non-empty"):
@@ -332,6 +334,22 @@ def test_encloss_reconstruction_flag_and_combined() -> None:
     assert torch.allclose(plain["comb"], plain["quant"] * plain["enc"])
     fz = tok.tokens_to_latent(plain["tokens"])
     assert torch.allclose(plain["quant"], (tok.encode_feature(x) - fz).pow(2).flatten(1).mean(1))
+
+
+def test_median_quantloss_ignores_a_few_unrecovered_tokens() -> None:
+    f = torch.zeros(2, 4, 3, 3)
+    fz = torch.zeros(2, 4, 3, 3)
+    fz[0, :, 0, 0] = 3.0  # one position on a wrong code: a whole code distance
+    fz[1] = 0.1  # every position slightly off the codebook (an outlier)
+    mean, median = quant_loss_per_sample(f, fz, "mean"), quant_loss_per_sample(f, fz, "median")
+    assert mean[0] > mean[1]  # the paper's mean ranks the nearly recovered image as the outlier
+    assert median[0] == 0.0 and median[1] == pytest.approx(0.01)  # the median does not
+    tok = FakeTokenizer(seed=1)
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = signals_batch(tok, x, tok.quantize, quant_reduce="median")
+    assert torch.equal(out["quant"], out["quant_median"]) and torch.allclose(out["comb"], out["quant"] * out["enc"])
+    with pytest.raises(ValueError, match="quant_reduce='max'"):
+        quant_loss_per_sample(f, fz, "max")
 
 
 def test_candidate_aggregation_and_augmentation_schedule() -> None:

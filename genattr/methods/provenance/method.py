@@ -49,7 +49,7 @@ from genattr.methods.provenance.inverse import (
 from genattr.methods.provenance.likelihood import prada_features, scale_slices, summary_features
 from genattr.methods.provenance.outputs import plot_confusion, plot_histograms, write_submission
 from genattr.methods.provenance.score_function import fit_score_function, prada_negatives, score
-from genattr.methods.provenance.signals import QuantizerSpec, compute_signals, greedy_tokens
+from genattr.methods.provenance.signals import QUANT_REDUCE, QuantizerSpec, compute_signals, greedy_tokens
 from genattr.metrics.detection import auroc
 from genattr.metrics.provenance import confusion, tracing_metrics
 from genattr.models.tokenizers.checkpoint import load_generator_checkpoint, load_tokenizer_checkpoint
@@ -117,6 +117,10 @@ class ModelTracer:
         self.seed = int(seed)
         if self.s1.get("signal", "comb") not in SIGNALS:
             raise ConfigError(f"method.stage1.signal={self.s1.get('signal')!r}; use one of {'|'.join(SIGNALS)}")
+        if self.s1.get("quant_reduce", "mean") not in QUANT_REDUCE:
+            raise ConfigError(
+                f"method.stage1.quant_reduce={self.s1.get('quant_reduce')!r}; use one of {'|'.join(QUANT_REDUCE)}"
+            )
         if self.pairs_cfg.get("source", "auto") not in ("auto", "metadata", "generate"):
             raise ConfigError("method.pairs.source must be auto|metadata|generate")
         if self.prada_cfg.get("tokens", "greedy_original") not in ("greedy_original", "stage1"):
@@ -350,6 +354,7 @@ class ModelTracer:
     def _stage_family(self, protocol, state, device) -> None:
         spec = QuantizerSpec(bool(self.s1.get("optimized_quant", True)), self.s1.get("alg3"))
         qrec = bool(self.s1.get("quantized_reconstruction", False))
+        reduce = str(self.s1.get("quant_reduce", "mean"))
         for f in FAMILIES:
             tok = self._finetuned_tokenizer(protocol, f, state, device)
             quantize = spec.quantizer(tok)
@@ -362,6 +367,7 @@ class ModelTracer:
                     batch_size=self.batch_size,
                     device=device,
                     quantized_reconstruction=qrec,
+                    quant_reduce=reduce,
                 )
                 state["meta"].setdefault("timing_signals", {})[f"{f}/{split}"] = time.perf_counter() - t0
                 for k, v in sig.items():
@@ -586,6 +592,7 @@ class ModelTracer:
             "stage1.signal": self.s1.get("signal", "comb"),
             "stage1.optimized_quant": self.s1.get("optimized_quant", True),
             "stage1.quantized_reconstruction": self.s1.get("quantized_reconstruction", False),
+            "stage1.quant_reduce": self.s1.get("quant_reduce", "mean"),
             "stage1.threshold": dict(self.s1.get("threshold", {}) or {}),
             "stage2.calibration": self.s2.get("calibration", "logreg"),
             "stage2.outlier_gate": dict(self.s2.get("outlier_gate") or {}),
@@ -669,8 +676,10 @@ class ModelTracer:
                         keep = ~(
                             (np.asarray(kind) == "reconstruction") & (fam == OUTLIER) & self._recon_of(protocol, s, f)
                         )
-                    for sig in ("quant", "comb"):
-                        v = state["arrays"][f"s1_{f}_{sig}_{s}"]
+                    for sig in ("quant", "comb", *(f"quant_{r}" for r in QUANT_REDUCE)):
+                        v = state["arrays"].get(f"s1_{f}_{sig}_{s}")
+                        if v is None:  # a stage checkpoint written before both poolings were kept
+                            continue
                         d[f"{s}/{sig}_auc_{f}"] = 100 * auroc((fam[keep] == f).astype(int), -v[keep])
                     rec = self._token_recovery(protocol, state, s, f)
                     if rec is not None:

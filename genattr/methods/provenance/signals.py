@@ -9,6 +9,11 @@ decomposition of its own f_Z. For a single-scale tokenizer Q is the nearest code
 Calibrated EncLoss = (‖x̂ − x‖² + ε) / (‖x̂̂ − x̂‖² + ε), ε = 1e-10. The official code reconstructs WITHOUT
 quantisation (x̂ = D(D⁻¹x)); rizvisaira reconstructs through the quantiser. The sources disagree, so
 ``quantized_reconstruction`` picks one (logged).
+
+``quant_reduce`` says how QuantLoss pools the latent positions: ``mean`` is the paper's MSE; ``median`` (a
+genattr addition) takes the median over positions of the per-position squared distance ‖f_p − f_Z,p‖² / C. Why:
+one token that D⁻¹ does not invert adds a whole code distance to the mean and lifts a generated image above the
+outliers, whose positions are all off the codebook; the median ignores a few such tokens.
 """
 
 from __future__ import annotations
@@ -23,11 +28,22 @@ import torch
 from genattr.models.tokenizers.base import TracingTokenizer
 
 EPS = 1e-10
+QUANT_REDUCE = ("mean", "median")
 
 
 def mse_per_sample(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Mean squared error per batch element over all other dimensions."""
     return (a.float() - b.float()).pow(2).flatten(1).mean(dim=1)
+
+
+def quant_loss_per_sample(f: torch.Tensor, fz: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
+    """QuantLoss per image from latents [B, C, h, w]: the mean (paper) or median over positions of ‖f_p − f_Z,p‖²/C."""
+    if reduce == "mean":
+        return mse_per_sample(f, fz)
+    if reduce == "median":
+        per_pos = (f.float() - fz.float()).pow(2).mean(dim=1).flatten(1)
+        return per_pos.median(dim=1).values
+    raise ValueError(f"quant_reduce={reduce!r}; use one of {'|'.join(QUANT_REDUCE)}")
 
 
 def to_unit(images_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -71,18 +87,21 @@ def signals_batch(
     quantize: Callable[[torch.Tensor], torch.Tensor],
     *,
     quantized_reconstruction: bool = False,
+    quant_reduce: str = "mean",
     eps: float = EPS,
 ) -> dict[str, torch.Tensor]:
     """All Stage 1 signals of one batch plus the recovered tokens.
 
-    Returns ``quant`` (QuantLoss), ``enc`` (calibrated EncLoss), ``comb`` (their product), ``recon`` (the
-    uncalibrated numerator, = the Reconstruction / AEDR baseline), ``qrecon`` (‖D(Q⁻¹Q(D⁻¹x)) − x‖²) and
-    ``tokens`` [B, L].
+    Returns ``quant`` (QuantLoss pooled by ``quant_reduce``), ``enc`` (calibrated EncLoss), ``comb`` (their
+    product), ``recon`` (the uncalibrated numerator, = the Reconstruction / AEDR baseline), ``qrecon``
+    (‖D(Q⁻¹Q(D⁻¹x)) − x‖²), ``tokens`` [B, L], and ``quant_mean`` / ``quant_median`` (both poolings, so a run
+    reports what the other choice would separate without a second pass).
     """
     f = tok.encode_feature(images01)
     tokens = quantize(f)
     fz = tok.tokens_to_latent(tokens)
-    quant = mse_per_sample(f, fz)
+    pooled = {r: quant_loss_per_sample(f, fz, r) for r in QUANT_REDUCE}
+    quant = pooled[quant_reduce] if quant_reduce in pooled else quant_loss_per_sample(f, fz, quant_reduce)
     qrec = tok.decode_latent(fz)
     qrecon = mse_per_sample(qrec, images01)
     if quantized_reconstruction:
@@ -93,7 +112,15 @@ def signals_batch(
         x2 = tok.decode_latent(tok.encode_feature(x1))
     recon = mse_per_sample(x1, images01)
     enc = (recon + eps) / (mse_per_sample(x2, x1) + eps)
-    return {"quant": quant, "enc": enc, "comb": quant * enc, "recon": recon, "qrecon": qrecon, "tokens": tokens}
+    return {
+        "quant": quant,
+        "enc": enc,
+        "comb": quant * enc,
+        "recon": recon,
+        "qrecon": qrecon,
+        "tokens": tokens,
+        **{f"quant_{r}": v for r, v in pooled.items()},
+    }
 
 
 def compute_signals(
@@ -104,12 +131,15 @@ def compute_signals(
     batch_size: int,
     device: torch.device,
     quantized_reconstruction: bool = False,
+    quant_reduce: str = "mean",
 ) -> dict[str, np.ndarray]:
     """:func:`signals_batch` over a whole split, as numpy arrays (float64 signals, int64 tokens)."""
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(images_uint8), batch_size):
         x = to_unit(images_uint8[start : start + batch_size], device)
-        out = signals_batch(tok, x, quantize, quantized_reconstruction=quantized_reconstruction)
+        out = signals_batch(
+            tok, x, quantize, quantized_reconstruction=quantized_reconstruction, quant_reduce=quant_reduce
+        )
         for k, v in out.items():
             parts.setdefault(k, []).append(v.detach().cpu().numpy())
     return {k: np.concatenate(v).astype(np.int64 if k == "tokens" else np.float64) for k, v in parts.items()}
