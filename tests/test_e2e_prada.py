@@ -83,7 +83,9 @@ def test_one_step_prada_runs_end_to_end(runs) -> None:
     assert set(res["timings_s"]) == {"models", "features", "score_functions"}
     aurocs = [res["diagnostics"][f"test/prada_own_vs_outlier_auroc_{v}"] for v in LABELS[:8]]
     assert all(0.0 <= a <= 100.0 for a in aurocs)
-    assert np.mean(aurocs) >= 65.0, aurocs  # 72 measured; the spec's > 90 is not reached on the twin
+    # 78 measured with the twin profile's 64 fresh samples per model (72 without); the spec's > 90 is not reached
+    assert np.mean(aurocs) >= 72.0, aurocs
+    assert res["stage_details"]["prada"]["n_generated"] == 64 * 8
     assert (folder / "plots" / "scores_rar_test.png").is_file()
 
 

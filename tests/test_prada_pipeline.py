@@ -248,8 +248,7 @@ def _tracer(pipeline: str, **kw) -> ModelTracer:
         class_source="oracle",
         batch_size=64,
         inverse={"rar": {"epochs": 3, "lr": 1e-2}, "var": {"epochs": 3, "lr": 1e-2}},
-        prada={"epochs": 60, "lr": 1e-2},
-        **kw,
+        **{"prada": {"epochs": 60, "lr": 1e-2}, **kw},
     )
 
 
@@ -272,6 +271,18 @@ def test_method_runs_writes_outputs_and_resumes(fake_task: Path, tmp_path: Path,
         _tracer(pipeline).run(protocol, RunContext(**{**_ctx(out).__dict__, "config_fingerprint": "other"}))
 
 
+def test_prada_adds_fresh_samples_of_every_model(fake_task: Path, tmp_path: Path) -> None:
+    protocol = load_rarvar(fake_task, image_size=8)
+    base = _tracer("one_step").run(protocol, _ctx(tmp_path / "plain")).results["stage_details"]["prada"]
+    tracer = _tracer("one_step", prada={"epochs": 60, "lr": 1e-2, "generated_per_variant": 3})
+    report = tracer.run(protocol, _ctx(tmp_path / "gen"))
+    meta = report.results["stage_details"]["prada"]
+    assert base["n_generated"] == 0 and meta["n_generated"] == 3 * len(LABELS[:8])
+    # the default negatives (all three sources): each model gains the 7 other models' fresh samples as negatives
+    assert all(meta["n_negatives"][v] == base["n_negatives"][v] + 21 for v in LABELS[:8])
+    assert report.completed and (tmp_path / "gen" / "submission.csv").is_file()
+
+
 def test_method_rejects_bad_flags() -> None:
     with pytest.raises(ConfigError, match="pipeline"):
         ModelTracer(name="prada", pipeline="three_stage")
@@ -283,6 +294,8 @@ def test_method_rejects_bad_flags() -> None:
         ModelTracer(name="prada", stage1={"quant_reduce": "max"})
     with pytest.raises(ConfigError, match=r"method\.prada\.negatives=\['real'\]"):
         ModelTracer(name="prada", prada={"negatives": ["real"]})
+    with pytest.raises(ConfigError, match=r"method\.prada\.generated_per_variant=-1"):
+        ModelTracer(name="prada", prada={"generated_per_variant": -1})
     with pytest.raises(ConfigError, match="non-empty"):
         ModelTracer(name="prada", prada={"negatives": []})
     assert prada_negatives({"negatives": "val_outliers"}) == ["val_outliers"]

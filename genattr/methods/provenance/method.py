@@ -126,6 +126,9 @@ class ModelTracer:
         if self.prada_cfg.get("tokens", "greedy_original") not in ("greedy_original", "stage1"):
             raise ConfigError("method.prada.tokens must be greedy_original|stage1")
         self.negatives = prada_negatives(self.prada_cfg)  # validated here, not after the feature stage
+        n_gen = self.prada_cfg.get("generated_per_variant", 0)
+        if n_gen is not None and (isinstance(n_gen, bool) or not isinstance(n_gen, int) or n_gen < 0):
+            raise ConfigError(f"method.prada.generated_per_variant={n_gen!r}; use an integer >= 0 (0 = none)")
         self._images: dict[str, torch.Tensor] = {}
         self._resumed: list[str] = []
 
@@ -472,8 +475,49 @@ class ModelTracer:
         return preds
 
     # ------------------------------------------------------------------ one-step PRADA
+    def _generated_for_prada(self, protocol, state, device) -> torch.Tensor | None:
+        """``prada.generated_per_variant`` fresh uint8 images of every model (PRADA fits on the model's own samples).
+
+        Their labels and candidate classes go to ``state["arrays"]`` (``gen_labels``, ``cand_gen``).
+        """
+        n = int(self.prada_cfg.get("generated_per_variant", 0) or 0)
+        if n <= 0:
+            return None
+        images, classes, labels = [], [], []
+        for f in FAMILIES:
+            tok = self._tokenizer(protocol, f, device)
+            with self._generators(protocol, f, device) as gens:
+                pairs = generate_pairs(
+                    tok,
+                    gens,
+                    per_variant=n,
+                    seed=self.seed + int(self.prada_cfg.get("generated_seed", 1)) * 7919,
+                    batch_size=int(self.pairs_cfg.get("batch_size", 16)),
+                    device=device,
+                )
+            images.append(pairs.images)
+            classes.append(pairs.classes.numpy())
+            labels += pairs.variants
+        gen_images = torch.cat(images)
+        state["arrays"]["gen_labels"] = np.asarray(labels)
+        topk = None
+        if self.class_source == "topk":
+            k = min(self.topk, int(state["meta"]["num_classes"]))
+            model = self._classifier(state, device)
+            topk = cls_mod.topk_classes(model, gen_images, k, batch_size=self.batch_size, device=device)
+        state["arrays"]["cand_gen"] = cls_mod.candidate_classes(
+            self.class_source,
+            len(gen_images),
+            num_classes=int(state["meta"]["num_classes"]),
+            null_class=int(state["meta"]["null_class"]),
+            oracle=np.concatenate(classes),
+            topk=topk,
+        )
+        return gen_images
+
     def _stage_features(self, protocol, state, device) -> None:
         cands = self._candidates(protocol, state, device)
+        generated = self._generated_for_prada(protocol, state, device)
         for f in FAMILIES:
             if self.prada_cfg.get("tokens", "greedy_original") == "stage1":
                 tok = self._finetuned_tokenizer(protocol, f, state, device)
@@ -485,16 +529,23 @@ class ModelTracer:
                 s: greedy_tokens(tok, self._split_images(protocol.split(s)), batch_size=self.batch_size, device=device)
                 for s in SPLITS
             }
+            if generated is not None:
+                toks["gen"] = greedy_tokens(tok, generated, batch_size=self.batch_size, device=device)
             with self._generators(protocol, f, device) as gens:
                 for v in VARIANTS[f]:
-                    for s in SPLITS:
+                    for s in toks:
+                        cand = state["arrays"]["cand_gen"] if s == "gen" else cands[s]
                         state["arrays"][f"pf_{v}_{s}"] = prada_features(
-                            gens[v], toks[s], cands[s], batch_size=self.batch_size, device=device
+                            gens[v], toks[s], cand, batch_size=self.batch_size, device=device
                         )
 
     def _stage_score_functions(self, protocol, state, ctx) -> None:
         cfg, negatives = self.prada_cfg, self.negatives
+        # the train split's images, then (prada.generated_per_variant > 0) fresh samples of every model
         train_labels = np.asarray(protocol.train.labels)
+        gen_labels = state["arrays"].get("gen_labels")
+        if gen_labels is not None:
+            train_labels = np.concatenate([train_labels, np.asarray(gen_labels)])
         val_out = np.flatnonzero(np.asarray(protocol.val.labels) == OUTLIER)
         if "val_outliers" not in negatives:
             val_out = val_out[:0]
@@ -503,7 +554,10 @@ class ModelTracer:
             f = FAMILY_OF[v]
             scales = scale_slices(state["meta"]["patch_nums"][f], int(state["meta"]["num_tokens"][f]))
             keep = score_training_rows(train_labels, v, negatives)
-            x = state["arrays"][f"pf_{v}_train"][keep]
+            x = state["arrays"][f"pf_{v}_train"]
+            if gen_labels is not None:
+                x = np.concatenate([x, state["arrays"][f"pf_{v}_gen"]])
+            x = x[keep]
             y = (train_labels[keep] == v).astype(np.float32)
             if len(val_out):
                 x = np.concatenate([x, state["arrays"][f"pf_{v}_val"][val_out]])
@@ -533,6 +587,7 @@ class ModelTracer:
             "negatives": negatives,
             "n_val_outliers_used": int(len(val_out)),
             "n_negatives": n_neg,
+            "n_generated": 0 if gen_labels is None else int(len(gen_labels)),
         }
 
     def _predict_one_step(self, state) -> dict[str, list[str]]:
@@ -598,6 +653,7 @@ class ModelTracer:
             "stage2.outlier_gate": dict(self.s2.get("outlier_gate") or {}),
             "prada.tokens": self.prada_cfg.get("tokens", "greedy_original"),
             "prada.negatives": self.negatives,
+            "prada.generated_per_variant": self.prada_cfg.get("generated_per_variant", 0),
             "prada.threshold": self.prada_cfg.get("threshold", 0.0),
             "prada.balance": self.prada_cfg.get("balance", True),
         }
