@@ -128,39 +128,42 @@ def _prada(gen: torch.nn.Module, tokens: np.ndarray, classes: np.ndarray) -> np.
 
 
 def test_prada_score_functions_separate_own_images_from_outliers(twin: Path, families: dict) -> None:
-    """Spec §9.3.6 in PRADA's own protocol (spec §7: own images vs real images, class known): each model's score
-    function is fit on its train images' sampled tokens against fresh procedural "real" images through the
-    family's tokenizer, then must rank its val + test images above the val + test outliers (spec: AUROC > 0.9).
-    Sampled tokens isolate the twin's CFG shift of ℓ_c − ℓ_u from token recovery, which the e2e test covers."""
+    """Spec §9.3.6 in PRADA's own protocol (spec §7: 250 own-model images vs 250 real images, class known): each
+    model's score function is fit on 250 of its own fresh samples against 250 procedural "real" images through
+    the family's tokenizer, then must rank its val + test images above the val + test outliers (spec: AUROC
+    > 0.9). Sampled tokens isolate the twin's CFG shift of ℓ_c − ℓ_u from token recovery, which the e2e test
+    covers."""
     meta = _meta(twin)
     outliers = [r for r in meta if r["label"] == "outlier" and r["split"] in ("val", "test")]
     out_images = torch.stack([load_png(_path(twin, r)) for r in outliers]).float() / 255
     out_cls = np.asarray([[int(r["class_id"])] for r in outliers])
-    real, real_cls = procedural(64, out_images.shape[-1], 10, 0, "prada-real")
+    real, real_cls = procedural(250, out_images.shape[-1], 10, 0, "prada-real")
+    own_cls = torch.arange(250) % 10
     reached = {}
     for fam, (tok, gens) in families.items():
-        hidden = {s: load_file(str(twin / "hidden" / f"{s}_{fam}.safetensors")) for s in ("train", "val", "test")}
+        hidden = {s: load_file(str(twin / "hidden" / f"{s}_{fam}.safetensors")) for s in ("val", "test")}
         with torch.no_grad():
             out_tok, real_tok = tok.encode_tokens(out_images).numpy(), tok.encode_tokens(real).numpy()
         scales = scale_slices(list(getattr(tok, "patch_nums", [])) or None, out_tok.shape[1])
         for name, g in gens.items():
-            own = {}
-            for s in ("train", "val", "test"):
-                rows = [int(r["row"]) for r in meta if r["split"] == s and r["label"] == name]
-                own[s] = _prada(g, hidden[s]["tokens"][rows].numpy(), hidden[s]["labels"][rows, None].numpy())
+            own = _prada(g, g.sample(own_cls, torch.Generator().manual_seed(123)).numpy(), own_cls[:, None].numpy())
             neg = _prada(g, real_tok, real_cls.numpy()[:, None])
-            x, y = np.concatenate([own["train"], neg]), np.r_[np.ones(len(own["train"])), np.zeros(len(neg))]
+            x, y = np.concatenate([own, neg]), np.r_[np.ones(len(own)), np.zeros(len(neg))]
             sf, _ = fit_score_function(x, y, scales, epochs=200, lr=1e-2)
-            held = score(sf, np.concatenate([own["val"], own["test"]]))
-            o = score(sf, _prada(g, out_tok, out_cls))
-            reached[name] = 100 * auroc(np.r_[np.ones(len(held)), np.zeros(len(o))], np.r_[held, o])
+            held = []
+            for s in ("val", "test"):
+                rows = [int(r["row"]) for r in meta if r["split"] == s and r["label"] == name]
+                held.append(_prada(g, hidden[s]["tokens"][rows].numpy(), hidden[s]["labels"][rows, None].numpy()))
+            h, o = score(sf, np.concatenate(held)), score(sf, _prada(g, out_tok, out_cls))
+            reached[name] = 100 * auroc(np.r_[np.ones(len(h)), np.zeros(len(o))], np.r_[h, o])
     print("PRADA own-vs-outlier AUROC per model (sampled tokens):", reached)
-    # measured on the version-5 twin: var 99-100 each; rar 94 / 64 / 77 / 78. The twin's RAR samplers shift
-    # ℓ_c − ℓ_u too little for the spec's > 90 (open: with the released (w, pow, T) the RAR scores reach 84-100,
-    # but then Stage 1 QuantLoss and RAR token recovery fall, see the README)
+    # measured on the version-5 twin: var 100 each; rar 92 / 76 / 82 / 85 (with 16 train images as the own set
+    # instead: 94 / 64 / 77 / 78). The twin's RAR samplers shift ℓ_c − ℓ_u too little for the spec's > 90 on every
+    # model (open: with the released (w, pow, T) the RAR scores reach 84-100, but then Stage 1 QuantLoss and RAR
+    # token recovery fall, see the README)
     assert all(reached[v] > 90.0 for v in VARIANTS if FAMILY_OF[v] == "var"), reached
     rar = [reached[v] for v in VARIANTS if FAMILY_OF[v] == "rar"]
-    assert min(rar) > 60.0 and np.mean(rar) > 75.0, reached
+    assert min(rar) > 70.0 and np.mean(rar) > 80.0, reached
 
 
 def test_twin_is_deterministic(tmp_path: Path) -> None:
