@@ -274,8 +274,14 @@ def test_method_runs_writes_outputs_and_resumes(fake_task: Path, tmp_path: Path,
 def test_prada_adds_fresh_samples_of_every_model(fake_task: Path, tmp_path: Path) -> None:
     protocol = load_rarvar(fake_task, image_size=8)
     base = _tracer("one_step").run(protocol, _ctx(tmp_path / "plain")).results["stage_details"]["prada"]
-    tracer = _tracer("one_step", prada={"epochs": 60, "lr": 1e-2, "generated_per_variant": 3})
-    report = tracer.run(protocol, _ctx(tmp_path / "gen"))
+
+    def tracer() -> ModelTracer:
+        return _tracer("one_step", prada={"epochs": 60, "lr": 1e-2, "generated_per_variant": 3})
+
+    # stop after the feature stage and resume: the samples and their features come back from the checkpoint
+    assert not tracer().run(protocol, _ctx(tmp_path / "gen", stop_after_task=1)).completed
+    report = tracer().run(protocol, _ctx(tmp_path / "gen"))
+    assert report.results["resumed_stages"] == ["models", "features"]
     meta = report.results["stage_details"]["prada"]
     assert base["n_generated"] == 0 and meta["n_generated"] == 3 * len(LABELS[:8])
     # the default negatives (all three sources): each model gains the 7 other models' fresh samples as negatives
