@@ -491,7 +491,7 @@ class ModelTracer:
                     tok,
                     gens,
                     per_variant=n,
-                    # a stream apart from the inverse-decoder pairs (seed + pairs.seed), so no image is in both
+                    # a stream apart from the inverse-decoder pairs (seed + pairs.seed): drawn independently
                     seed=self.seed + int(self.prada_cfg.get("generated_seed", 1)) * 7919,
                     batch_size=int(self.pairs_cfg.get("batch_size", 16)),
                     device=device,
