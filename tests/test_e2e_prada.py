@@ -69,8 +69,10 @@ def test_two_stage_traces_the_family(runs) -> None:
         assert diag[f"test/quant_auc_{fam}"] >= 80.0, diag  # QuantLoss alone: rar 88, var 95 measured
         assert diag[f"test/quant_mean_auc_{fam}"] == diag[f"test/quant_auc_{fam}"]  # the default pooling
     # the median pooling (stage1.quant_reduce=median) meets the spec's 0.95 on RAR, where one token that D^-1
-    # misses dominates the mean: 99.6 measured (var 93, mean 95)
+    # misses dominates the mean: 99.6 measured (var 93); the paper's mean does on VAR (95.0 measured), so
+    # quant_reduce={var: mean, rar: median} meets it for both families in one run
     assert diag["test/quant_median_auc_rar"] >= 95.0, diag
+    assert diag["test/quant_mean_auc_var"] >= 90.0, diag
     assert diag["test/token_recovery_rar"] >= 95.0, diag
     assert diag["test/stage2_variant_accuracy_true_family_rar"] >= 40.0, diag  # chance 25
     assert (folder / "plots" / "confusion_test.png").is_file() and (folder / "plots" / "scores_var_test.png").is_file()

@@ -298,6 +298,12 @@ def test_method_rejects_bad_flags() -> None:
         ModelTracer(name="prada", stage1={"signal": "psnr"})
     with pytest.raises(ConfigError, match=r"method\.stage1\.quant_reduce='max'"):
         ModelTracer(name="prada", stage1={"quant_reduce": "max"})
+    with pytest.raises(ConfigError, match=r"method\.stage1\.quant_reduce\.var='max'"):
+        ModelTracer(name="prada", stage1={"quant_reduce": {"rar": "median", "var": "max"}})
+    with pytest.raises(ConfigError, match="unknown families"):
+        ModelTracer(name="prada", stage1={"quant_reduce": {"maskgit": "median"}})
+    per_family = ModelTracer(name="prada", stage1={"quant_reduce": {"rar": "median"}}).quant_reduce
+    assert per_family == {"var": "mean", "rar": "median"}
     with pytest.raises(ConfigError, match=r"method\.prada\.negatives=\['real'\]"):
         ModelTracer(name="prada", prada={"negatives": ["real"]})
     with pytest.raises(ConfigError, match=r"method\.prada\.generated_per_variant=-1"):

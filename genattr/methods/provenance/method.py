@@ -117,10 +117,7 @@ class ModelTracer:
         self.seed = int(seed)
         if self.s1.get("signal", "comb") not in SIGNALS:
             raise ConfigError(f"method.stage1.signal={self.s1.get('signal')!r}; use one of {'|'.join(SIGNALS)}")
-        if self.s1.get("quant_reduce", "mean") not in QUANT_REDUCE:
-            raise ConfigError(
-                f"method.stage1.quant_reduce={self.s1.get('quant_reduce')!r}; use one of {'|'.join(QUANT_REDUCE)}"
-            )
+        self.quant_reduce = self._quant_reduce(self.s1.get("quant_reduce", "mean"))
         if self.pairs_cfg.get("source", "auto") not in ("auto", "metadata", "generate"):
             raise ConfigError("method.pairs.source must be auto|metadata|generate")
         if self.prada_cfg.get("tokens", "greedy_original") not in ("greedy_original", "stage1"):
@@ -133,6 +130,25 @@ class ModelTracer:
         self._resumed: list[str] = []
 
     # ------------------------------------------------------------------ models and data
+    @staticmethod
+    def _quant_reduce(value: Any) -> dict[str, str]:
+        """``stage1.quant_reduce`` as {family: pooling}: one name for both families, or a mapping per family."""
+        key = "method.stage1.quant_reduce"
+        if isinstance(value, str):
+            per_family, keys = dict.fromkeys(FAMILIES, value), dict.fromkeys(FAMILIES, key)
+        elif isinstance(value, Mapping):
+            unknown = set(value) - set(FAMILIES)
+            if unknown:
+                raise ConfigError(f"{key} has unknown families {sorted(unknown)}; use {list(FAMILIES)}")
+            per_family = {f: value.get(f, "mean") for f in FAMILIES}
+            keys = {f: f"{key}.{f}" for f in FAMILIES}
+        else:
+            raise ConfigError(f"{key}={value!r}; use mean | median, or a mapping per family")
+        for f, r in per_family.items():
+            if r not in QUANT_REDUCE:
+                raise ConfigError(f"{keys[f]}={r!r}; use one of {'|'.join(QUANT_REDUCE)}")
+        return {f: str(r) for f, r in per_family.items()}
+
     def _tokenizer(self, protocol: TracingProtocol, family: str, device: torch.device) -> Any:
         spec = protocol.models[family]
         tok = build(OmegaConf.create(spec.tokenizer))
@@ -357,7 +373,6 @@ class ModelTracer:
     def _stage_family(self, protocol, state, device) -> None:
         spec = QuantizerSpec(bool(self.s1.get("optimized_quant", True)), self.s1.get("alg3"))
         qrec = bool(self.s1.get("quantized_reconstruction", False))
-        reduce = str(self.s1.get("quant_reduce", "mean"))
         for f in FAMILIES:
             tok = self._finetuned_tokenizer(protocol, f, state, device)
             quantize = spec.quantizer(tok)
@@ -370,7 +385,7 @@ class ModelTracer:
                     batch_size=self.batch_size,
                     device=device,
                     quantized_reconstruction=qrec,
-                    quant_reduce=reduce,
+                    quant_reduce=self.quant_reduce[f],
                 )
                 state["meta"].setdefault("timing_signals", {})[f"{f}/{split}"] = time.perf_counter() - t0
                 for k, v in sig.items():
@@ -648,7 +663,7 @@ class ModelTracer:
             "stage1.signal": self.s1.get("signal", "comb"),
             "stage1.optimized_quant": self.s1.get("optimized_quant", True),
             "stage1.quantized_reconstruction": self.s1.get("quantized_reconstruction", False),
-            "stage1.quant_reduce": self.s1.get("quant_reduce", "mean"),
+            "stage1.quant_reduce": self.quant_reduce,
             "stage1.threshold": dict(self.s1.get("threshold", {}) or {}),
             "stage2.calibration": self.s2.get("calibration", "logreg"),
             "stage2.outlier_gate": dict(self.s2.get("outlier_gate") or {}),
