@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -126,6 +126,7 @@ class ModelTracer:
         n_gen = self.prada_cfg.get("generated_per_variant", 0)
         if n_gen is not None and (isinstance(n_gen, bool) or not isinstance(n_gen, int) or n_gen < 0):
             raise ConfigError(f"method.prada.generated_per_variant={n_gen!r}; use an integer >= 0 (0 = none)")
+        self.generated_per_variant = int(n_gen or 0)
         self._images: dict[str, torch.Tensor] = {}
         self._resumed: list[str] = []
 
@@ -286,31 +287,40 @@ class ModelTracer:
         model.load_state_dict({k[len(pre) :]: v for k, v in state["tensors"].items() if k.startswith(pre)})
         return model.to(device).eval()
 
+    def _class_candidates(
+        self, state, model, n: int, oracle: np.ndarray | None, images: Callable[[], torch.Tensor], device
+    ) -> np.ndarray:
+        """[n, K'] candidate classes of ``n`` images for ``class_source``; ``images()`` is only read for topk."""
+        meta = state["meta"]
+        topk = None
+        if model is not None:
+            k = min(self.topk, int(meta["num_classes"]))
+            topk = cls_mod.topk_classes(model, images(), k, batch_size=self.batch_size, device=device)
+        return cls_mod.candidate_classes(
+            self.class_source,
+            n,
+            num_classes=int(meta["num_classes"]),
+            null_class=int(meta["null_class"]),
+            oracle=oracle,
+            topk=topk,
+        )
+
     def _candidates(self, protocol, state, device) -> dict[str, np.ndarray]:
         """Candidate classes per split ([N, K']), computed once and kept in the state."""
         out = {}
-        meta = state["meta"]
         model = self._classifier(state, device) if self.class_source == "topk" else None
         for split in SPLITS:
             key = f"cand_{split}"
             if key not in state["arrays"]:
                 sp = protocol.split(split)
                 oracle = self._hidden(protocol, split, "class_id")
-                topk = None
-                if model is not None:
-                    k = min(self.topk, int(meta["num_classes"]))
-                    topk = cls_mod.topk_classes(
-                        model, self._split_images(sp), k, batch_size=self.batch_size, device=device
-                    )
-                state["arrays"][key] = cls_mod.candidate_classes(
-                    self.class_source,
+                state["arrays"][key] = self._class_candidates(
+                    state,
+                    model,
                     len(sp),
-                    num_classes=int(meta["num_classes"]),
-                    null_class=int(meta["null_class"]),
-                    oracle=None
-                    if oracle is None
-                    else np.asarray([int(c) if c not in ("", None) else -1 for c in oracle]),
-                    topk=topk,
+                    None if oracle is None else np.asarray([int(c) if c not in ("", None) else -1 for c in oracle]),
+                    lambda sp=sp: self._split_images(sp),
+                    device,
                 )
             out[split] = state["arrays"][key]
         return out
@@ -495,8 +505,8 @@ class ModelTracer:
 
         Their labels and candidate classes go to ``state["arrays"]`` (``gen_labels``, ``cand_gen``).
         """
-        n = int(self.prada_cfg.get("generated_per_variant", 0) or 0)
-        if n <= 0:
+        n = self.generated_per_variant
+        if n == 0:
             return None
         images, classes, labels = [], [], []
         for f in FAMILIES:
@@ -516,18 +526,9 @@ class ModelTracer:
             labels += pairs.variants
         gen_images = torch.cat(images)
         state["arrays"]["gen_labels"] = np.asarray(labels)
-        topk = None
-        if self.class_source == "topk":
-            k = min(self.topk, int(state["meta"]["num_classes"]))
-            model = self._classifier(state, device)
-            topk = cls_mod.topk_classes(model, gen_images, k, batch_size=self.batch_size, device=device)
-        state["arrays"]["cand_gen"] = cls_mod.candidate_classes(
-            self.class_source,
-            len(gen_images),
-            num_classes=int(state["meta"]["num_classes"]),
-            null_class=int(state["meta"]["null_class"]),
-            oracle=np.concatenate(classes),
-            topk=topk,
+        model = self._classifier(state, device) if self.class_source == "topk" else None
+        state["arrays"]["cand_gen"] = self._class_candidates(
+            state, model, len(gen_images), np.concatenate(classes), lambda: gen_images, device
         )
         return gen_images
 
@@ -669,7 +670,7 @@ class ModelTracer:
             "stage2.outlier_gate": dict(self.s2.get("outlier_gate") or {}),
             "prada.tokens": self.prada_cfg.get("tokens", "greedy_original"),
             "prada.negatives": self.negatives,
-            "prada.generated_per_variant": self.prada_cfg.get("generated_per_variant", 0),
+            "prada.generated_per_variant": self.generated_per_variant,
             "prada.threshold": self.prada_cfg.get("threshold", 0.0),
             "prada.balance": self.prada_cfg.get("balance", True),
         }

@@ -301,8 +301,9 @@ class VARGenerator(nn.Module):
                 elif tokens.shape[1] == 0:
                     logits = self.cached_step(both, None, cache)
                 else:
-                    x_next = self.tokenizer.teacher_forcing_input(tokens.repeat(2, 1))[:, -pn * pn :]
-                    logits = self.cached_step(both, x_next, cache)
+                    # the conditional and unconditional halves share their tokens: build the input once
+                    x_next = self.tokenizer.teacher_forcing_input(tokens)[:, -pn * pn :]
+                    logits = self.cached_step(both, x_next.repeat(2, 1, 1), cache)
                 guided = self.guided_logits(logits[:b], logits[b:], start=tokens.shape[1])
                 tokens = torch.cat((tokens, sample_logits(guided, generator, top_k=self.top_k, top_p=self.top_p)), 1)
         return tokens
