@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from omegaconf import OmegaConf
 from PIL import Image
 from prada_fakes import FakeGenerator, FakeTokenizer, write_fake_task
+from safetensors.torch import load_file
 
 from genattr.config import apply_twin_profile, check_compatibility
 from genattr.data.rarvar import LABELS, build_rarvar, load_png, load_rarvar
@@ -132,6 +133,14 @@ def test_token_loglik_and_summaries_match_manual_softmax() -> None:
     g3 = token_loglik(gen, tokens[1:], torch.tensor([3]))["guided"].mean()
     assert feats[1, 2] == pytest.approx(float(max(g2, g3)), rel=1e-5)
     assert scale_slices([1, 2, 4], 21) == [(0, 1), (1, 5), (5, 21)] and scale_slices([], 64) == [(0, 64)]
+    # PRADA's position groups: raster-order ranges for single-scale tokens; multi-scale keeps one range per scale
+    assert scale_slices([], 10, 3) == [(0, 3), (3, 6), (6, 10)] and scale_slices([1, 2, 4], 21, 3) == [
+        (0, 1),
+        (1, 5),
+        (5, 21),
+    ]
+    with pytest.raises(ValueError, match="5 position groups for 4 tokens"):
+        scale_slices([], 4, 5)
 
 
 def test_calibrators_remove_the_big_model_bias() -> None:
@@ -289,6 +298,17 @@ def test_prada_adds_fresh_samples_of_every_model(fake_task: Path, tmp_path: Path
     assert report.completed and (tmp_path / "gen" / "submission.csv").is_file()
 
 
+def test_prada_position_groups_give_single_scale_score_functions_one_weight_per_group(
+    fake_task: Path, tmp_path: Path
+) -> None:
+    # both fake families are single-scale (4 tokens); multi-scale tokens keep one weight per scale (scale_slices)
+    protocol = load_rarvar(fake_task, image_size=8)
+    report = _tracer("one_step", prada={"epochs": 5, "position_groups": 3}).run(protocol, _ctx(tmp_path))
+    (weights,) = (tmp_path / "checkpoints").rglob("weights.safetensors")
+    w = load_file(str(weights))
+    assert report.completed and all(w[f"score.{v}.w"].shape == (3,) for v in LABELS[:8])
+
+
 def test_method_rejects_bad_flags() -> None:
     with pytest.raises(ConfigError, match="pipeline"):
         ModelTracer(name="prada", pipeline="three_stage")
@@ -310,6 +330,14 @@ def test_method_rejects_bad_flags() -> None:
         ModelTracer(name="prada", prada={"generated_per_variant": -1})
     with pytest.raises(ConfigError, match="non-empty"):
         ModelTracer(name="prada", prada={"negatives": []})
+    with pytest.raises(ConfigError, match=r"method\.prada\.position_groups=0"):
+        ModelTracer(name="prada", prada={"position_groups": 0})
+    assert ModelTracer(name="prada", pairs={"per_variant": {"rar": 96}}).pairs_per_variant == {"var": 64, "rar": 96}
+    assert ModelTracer(name="prada", pairs={"per_variant": 8}).pairs_per_variant == {"var": 8, "rar": 8}
+    with pytest.raises(ConfigError, match=r"method\.pairs\.per_variant\.rar=0"):
+        ModelTracer(name="prada", pairs={"per_variant": {"rar": 0}})
+    with pytest.raises(ConfigError, match=r"method\.pairs\.per_variant=\[8\]"):
+        ModelTracer(name="prada", pairs={"per_variant": [8]})
     assert prada_negatives({"negatives": "val_outliers"}) == ["val_outliers"]
     labels = np.asarray(["var16", "var20", "rarb", "rarl", "var16"])
     assert score_training_rows(labels, "var16", ["other_family"]).tolist() == [True, False, True, True, True]

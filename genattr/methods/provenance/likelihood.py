@@ -122,10 +122,16 @@ def logmeanexp(x: np.ndarray, axis: int) -> np.ndarray:
     return _aggregate(x, "logmeanexp", axis=axis)
 
 
-def scale_slices(patch_nums: Sequence[int] | None, num_tokens: int) -> list[tuple[int, int]]:
-    """Token ranges of each scale (one range for a single-scale tokenizer)."""
+def scale_slices(patch_nums: Sequence[int] | None, num_tokens: int, groups: int = 1) -> list[tuple[int, int]]:
+    """Token ranges of each scale; a single-scale tokenizer's raster order is cut into ``groups`` near-equal ranges.
+
+    ``groups`` > 1 exists for PRADA on RAR: its power-cosine CFG ramp guides mostly the late tokens, so one weight
+    per raster-order group (like VAR's per-scale weights) lets the score function find where the shift is.
+    """
     if not patch_nums:
-        return [(0, num_tokens)]
+        if not 1 <= groups <= num_tokens:
+            raise ValueError(f"{groups} position groups for {num_tokens} tokens; use 1..{num_tokens}")
+        return [(g * num_tokens // groups, (g + 1) * num_tokens // groups) for g in range(groups)]
     out, start = [], 0
     for pn in patch_nums:
         out.append((start, start + pn * pn))

@@ -74,6 +74,19 @@ def score_training_rows(train_labels: np.ndarray, variant: str, negatives: list[
     )
 
 
+def per_family(value: Any, key: str, default: Any, check: Callable[[Any, str], Any], expected: str) -> dict[str, Any]:
+    """A setting that may differ per family: one value for both, or {family: value} (absent families take
+    ``default``). ``check(value, key)`` validates one value and raises naming the full key (``key.<family>``)."""
+    if isinstance(value, Mapping):
+        unknown = set(value) - set(FAMILIES)
+        if unknown:
+            raise ConfigError(f"{key} has unknown families {sorted(unknown)}; use {list(FAMILIES)}")
+        return {f: check(value.get(f, default), f"{key}.{f}") for f in FAMILIES}
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return {f: check(value, key) for f in FAMILIES}
+    raise ConfigError(f"{key}={value!r}; use {expected}, or a mapping per family")
+
+
 class ModelTracer:
     """Two-stage provenance + likelihood tracer, or one-step PRADA; see ``conf/method/prada.yaml``."""
 
@@ -118,6 +131,7 @@ class ModelTracer:
         if self.s1.get("signal", "comb") not in SIGNALS:
             raise ConfigError(f"method.stage1.signal={self.s1.get('signal')!r}; use one of {'|'.join(SIGNALS)}")
         self.quant_reduce = self._quant_reduce(self.s1.get("quant_reduce", "mean"))
+        self.pairs_per_variant = self._pairs_per_variant(self.pairs_cfg.get("per_variant", 64))
         if self.pairs_cfg.get("source", "auto") not in ("auto", "metadata", "generate"):
             raise ConfigError("method.pairs.source must be auto|metadata|generate")
         if self.prada_cfg.get("tokens", "greedy_original") not in ("greedy_original", "stage1"):
@@ -127,6 +141,10 @@ class ModelTracer:
         if n_gen is not None and (isinstance(n_gen, bool) or not isinstance(n_gen, int) or n_gen < 0):
             raise ConfigError(f"method.prada.generated_per_variant={n_gen!r}; use an integer >= 0 (0 = none)")
         self.generated_per_variant = int(n_gen or 0)
+        groups = self.prada_cfg.get("position_groups", 1)
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ConfigError(f"method.prada.position_groups={groups!r}; use an integer >= 1 (1 = PRADA)")
+        self.position_groups = int(groups)
         self._images: dict[str, torch.Tensor] = {}
         self._resumed: list[str] = []
 
@@ -134,21 +152,24 @@ class ModelTracer:
     @staticmethod
     def _quant_reduce(value: Any) -> dict[str, str]:
         """``stage1.quant_reduce`` as {family: pooling}: one name for both families, or a mapping per family."""
-        key = "method.stage1.quant_reduce"
-        if isinstance(value, str):
-            per_family, keys = dict.fromkeys(FAMILIES, value), dict.fromkeys(FAMILIES, key)
-        elif isinstance(value, Mapping):
-            unknown = set(value) - set(FAMILIES)
-            if unknown:
-                raise ConfigError(f"{key} has unknown families {sorted(unknown)}; use {list(FAMILIES)}")
-            per_family = {f: value.get(f, "mean") for f in FAMILIES}
-            keys = {f: f"{key}.{f}" for f in FAMILIES}
-        else:
-            raise ConfigError(f"{key}={value!r}; use mean | median, or a mapping per family")
-        for f, r in per_family.items():
+
+        def check(r: Any, key: str) -> str:
             if r not in QUANT_REDUCE:
-                raise ConfigError(f"{keys[f]}={r!r}; use one of {'|'.join(QUANT_REDUCE)}")
-        return {f: str(r) for f, r in per_family.items()}
+                raise ConfigError(f"{key}={r!r}; use one of {'|'.join(QUANT_REDUCE)}")
+            return str(r)
+
+        return per_family(value, "method.stage1.quant_reduce", "mean", check, "mean | median")
+
+    @staticmethod
+    def _pairs_per_variant(value: Any) -> dict[str, int]:
+        """``pairs.per_variant`` as {family: count}: one count for both families, or a mapping per family."""
+
+        def check(n: Any, key: str) -> int:
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ConfigError(f"{key}={n!r}; use an integer >= 1")
+            return int(n)
+
+        return per_family(value, "method.pairs.per_variant", 64, check, "an integer")
 
     def _tokenizer(self, protocol: TracingProtocol, family: str, device: torch.device) -> Any:
         spec = protocol.models[family]
@@ -202,7 +223,7 @@ class ModelTracer:
             return generate_pairs(
                 tok,
                 gens,
-                per_variant=int(self.pairs_cfg.get("per_variant", 64)),
+                per_variant=self.pairs_per_variant[family],
                 seed=self.seed + int(self.pairs_cfg.get("seed", 0)),
                 batch_size=int(self.pairs_cfg.get("batch_size", 16)),
                 device=device,
@@ -569,7 +590,9 @@ class ModelTracer:
         n_neg = {}
         for v in LABELS[:8]:
             f = FAMILY_OF[v]
-            scales = scale_slices(state["meta"]["patch_nums"][f], int(state["meta"]["num_tokens"][f]))
+            scales = scale_slices(
+                state["meta"]["patch_nums"][f], int(state["meta"]["num_tokens"][f]), self.position_groups
+            )
             keep = score_training_rows(train_labels, v, negatives)
             x = state["arrays"][f"pf_{v}_train"]
             if gen_labels is not None:
@@ -661,6 +684,7 @@ class ModelTracer:
             "class_source": self.class_source,
             "class_aggregate": self.class_aggregate,
             "pairs.source": self.pairs_cfg.get("source", "auto"),
+            "pairs.per_variant": self.pairs_per_variant,
             "stage1.signal": self.s1.get("signal", "comb"),
             "stage1.optimized_quant": self.s1.get("optimized_quant", True),
             "stage1.quantized_reconstruction": self.s1.get("quantized_reconstruction", False),
@@ -671,6 +695,7 @@ class ModelTracer:
             "prada.tokens": self.prada_cfg.get("tokens", "greedy_original"),
             "prada.negatives": self.negatives,
             "prada.generated_per_variant": self.generated_per_variant,
+            "prada.position_groups": self.position_groups,
             "prada.threshold": self.prada_cfg.get("threshold", 0.0),
             "prada.balance": self.prada_cfg.get("balance", True),
         }
