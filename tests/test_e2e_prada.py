@@ -2,13 +2,15 @@
 results.json. Two-stage on the twin's labelled test split: family of generated images ≥ 95 %, the inverse decoder
 lowers held-out L_inv, the Combined Stage 1 signal separates each family (AUC ≥ 95), single-scale token recovery
 from the PNGs ≥ 95 % (spec §9.3.2), and Stage 2 picks the RAR variant given the family well above chance (25 %).
-One-step PRADA separates own images from outliers better than chance on average. Stage 2 + calibrator fed the
-twin's sampled tokens separate the variants of both families (≥ 60 % given the family, spec §9.3.5).
+One-step PRADA separates each model's own images from the outliers (mean AUROC ≥ 85). Stage 2 + calibrator fed
+the twin's sampled tokens separate the variants of both families (≥ 60 % given the family, spec §9.3.5).
 
-Measured (test split, version-5 twin): family 98 %, Combined AUC 100 / 100, QuantLoss AUC rar 88 / var 95,
-token recovery rar 97 % / var 40 %, Stage 2 given the true family rar 52 % / var 25 %, PRADA own-vs-outlier AUROC
-mean 72 %. The VAR-side numbers are capped by multi-scale token recovery (greedy re-quantisation of the exact
-latent recovers ≈60 % of sampled tokens), the spec's PRADA target of 90 % is not reached: see the README.
+Measured (test split, version-6 twin): family of generated images 98 %, Combined AUC 100 / 100, QuantLoss AUC
+under the paper's mean pooling rar 83 / var 95.6 (median: rar 98.9 / var 93), token recovery rar 96 % / var 40 %,
+Stage 2 given the true family rar 56 % / var 25 %, PRADA own-vs-outlier AUROC mean 89 % on the inverse decoder's
+tokens (80 % on the original encoder's). The VAR-side numbers are capped by multi-scale token recovery (greedy
+re-quantisation of the exact latent recovers ≈60 % of sampled tokens); PRADA from the PNGs stays below the > 90 %
+it reaches on sampled tokens (tests/test_prada_twin.py).
 The twin is built once into GENATTR_CACHE and shared with the twin tests.
 """
 
@@ -38,8 +40,10 @@ def runs(tmp_path_factory) -> dict[str, tuple[dict, Path]]:
     base = tmp_path_factory.mktemp("e2e_prada")
     out = {}
     # two-stage on the default path (top-k classes from the classifier trained on generated pairs); one-step in
-    # PRADA's own c2i setting, where the class label is known (the twin's metadata), which also keeps the test short
-    extra = {"two_stage": [], "one_step": ["method.class_source=oracle"]}
+    # PRADA's own c2i setting, where the class label is known (the twin's metadata), which also keeps the test
+    # short, on the fine-tuned inverse decoder's tokens (greedy re-quantisation through the original encoder loses
+    # part of the CFG shift: own-vs-outlier AUROC 80 % instead of 89 %)
+    extra = {"two_stage": [], "one_step": ["method.class_source=oracle", "method.prada.tokens=stage1"]}
     for pipeline in ("two_stage", "one_step"):
         ov = ["method=prada", "data=rarvar", f"method.pipeline={pipeline}", "tracking=none", *extra[pipeline]]
         folder = base / pipeline
@@ -66,15 +70,16 @@ def test_two_stage_traces_the_family(runs) -> None:
         inv = res["stage_details"]["inverse"][fam]
         assert inv["heldout_after"] < 0.8 * inv["heldout_before"], inv
         assert diag[f"test/comb_auc_{fam}"] >= 95.0, diag
-        assert diag[f"test/quant_auc_{fam}"] >= 80.0, diag  # QuantLoss alone: rar 88, var 95 measured
+        assert diag[f"test/quant_auc_{fam}"] >= 80.0, diag  # QuantLoss alone: rar 83, var 95.6 measured
         assert diag[f"test/quant_mean_auc_{fam}"] == diag[f"test/quant_auc_{fam}"]  # the default pooling
     # the median pooling (stage1.quant_reduce=median) meets the spec's 0.95 on RAR, where one token that D^-1
-    # misses dominates the mean: 99.6 measured (var 93); the paper's mean does on VAR (95.0 measured), so
-    # quant_reduce={var: mean, rar: median} meets it for both families in one run
+    # misses dominates the mean: 98.9 measured (var 93); the paper's mean does on VAR (95.6 measured, 93-96 over
+    # 16-96 inverse-decoder pairs per variant, hence the looser bound), so quant_reduce={var: mean, rar: median}
+    # meets it for both families in one run
     assert diag["test/quant_median_auc_rar"] >= 95.0, diag
-    assert diag["test/quant_mean_auc_var"] >= 90.0, diag
+    assert diag["test/quant_mean_auc_var"] >= 92.0, diag
     assert diag["test/token_recovery_rar"] >= 95.0, diag
-    assert diag["test/stage2_variant_accuracy_true_family_rar"] >= 40.0, diag  # chance 25
+    assert diag["test/stage2_variant_accuracy_true_family_rar"] >= 45.0, diag  # chance 25; 56 measured
     assert (folder / "plots" / "confusion_test.png").is_file() and (folder / "plots" / "scores_var_test.png").is_file()
 
 
@@ -85,8 +90,9 @@ def test_one_step_prada_runs_end_to_end(runs) -> None:
     assert set(res["timings_s"]) == {"models", "features", "score_functions"}
     aurocs = [res["diagnostics"][f"test/prada_own_vs_outlier_auroc_{v}"] for v in LABELS[:8]]
     assert all(0.0 <= a <= 100.0 for a in aurocs)
-    # 78 measured with the twin profile's 64 fresh samples per model (72 without); the spec's > 90 is not reached
-    assert np.mean(aurocs) >= 72.0, aurocs
+    # 88.7 measured (min 79.8, rarl) with the twin profile's 64 fresh samples per model; PRADA's > 90 holds on
+    # sampled tokens (tests/test_prada_twin.py), re-tokenised PNGs lose part of the CFG shift
+    assert np.mean(aurocs) >= 85.0 and min(aurocs) >= 75.0, aurocs
     assert res["stage_details"]["prada"]["n_generated"] == 64 * 8
     assert (folder / "plots" / "scores_rar_test.png").is_file()
 

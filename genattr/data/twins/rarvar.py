@@ -61,7 +61,7 @@ from genattr.models.tokenizers.checkpoint import save_checkpoint
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 5
+GENERATOR_VERSION = 6
 VARIANTS = ("var16", "var20", "var24", "var30", "rarb", "rarl", "rarxl", "rarxxl")
 LABELS = (*VARIANTS, "outlier")
 FAMILY_OF = {v: ("var" if v.startswith("var") else "rar") for v in VARIANTS}
@@ -98,11 +98,14 @@ def twin_models(image_size: int, num_classes: int) -> dict[str, dict[str, Any]]:
         "var": {"tokenizer": var_tok, "tokenizer_checkpoint": "var/tokenizer.safetensors", "variants": {}},
         "rar": {"tokenizer": rar_tok, "tokenizer_checkpoint": "rar/tokenizer.safetensors", "variants": {}},
     }
+    # (w, pow, T): the released sizes' pow and T, w at 0.4-0.6× of their (16, 15.5, 6.9, 8). Version 6 doubled w
+    # from (3, 2.75, 2, 2.5): the power-cosine ramp guides mostly late tokens, and at half these scales PRADA's
+    # ℓ_c − ℓ_u shift was too small for own-vs-outlier AUROC > 0.9 on rarl / rarxl / rarxxl
     rar_sampling = {
-        "rarb": (3.0, 2.75, 1.0),
-        "rarl": (2.75, 2.5, 1.02),
-        "rarxl": (2.0, 1.5, 1.02),
-        "rarxxl": (2.5, 1.2, 1.02),
+        "rarb": (6.0, 2.75, 1.0),
+        "rarl": (5.5, 2.5, 1.02),
+        "rarxl": (4.0, 1.5, 1.02),
+        "rarxxl": (5.0, 1.2, 1.02),
     }
     for depth, name in enumerate(("var16", "var20", "var24", "var30"), start=1):
         gen = {
