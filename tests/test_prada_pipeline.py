@@ -307,6 +307,9 @@ def test_prada_position_groups_give_single_scale_score_functions_one_weight_per_
     (weights,) = (tmp_path / "checkpoints").rglob("weights.safetensors")
     w = load_file(str(weights))
     assert report.completed and all(w[f"score.{v}.w"].shape == (3,) for v in LABELS[:8])
+    # more groups than tokens (4 here) fails naming the key, after the features stage was checkpointed
+    with pytest.raises(ConfigError, match=r"method\.prada\.position_groups=5 for var: 5 position groups for 4"):
+        _tracer("one_step", prada={"epochs": 5, "position_groups": 5}).run(protocol, _ctx(tmp_path / "five"))
 
 
 def test_method_rejects_bad_flags() -> None:

@@ -590,9 +590,12 @@ class ModelTracer:
         n_neg = {}
         for v in LABELS[:8]:
             f = FAMILY_OF[v]
-            scales = scale_slices(
-                state["meta"]["patch_nums"][f], int(state["meta"]["num_tokens"][f]), self.position_groups
-            )
+            try:
+                scales = scale_slices(
+                    state["meta"]["patch_nums"][f], int(state["meta"]["num_tokens"][f]), self.position_groups
+                )
+            except ValueError as err:  # the features stage is already checkpointed: fix the flag and resume
+                raise ConfigError(f"method.prada.position_groups={self.position_groups} for {f}: {err}") from None
             keep = score_training_rows(train_labels, v, negatives)
             x = state["arrays"][f"pf_{v}_train"]
             if gen_labels is not None:
