@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -107,7 +108,11 @@ def train_coupled(
     if steps_per_epoch < 1:
         raise ConfigError(f"trainer.batch_size={recipe.batch_size} exceeds the {n_rows} training rows")
     total = recipe.epochs * steps_per_epoch
-    lat = torch.from_numpy(np.asarray(latents, dtype=np.float32))
+    with warnings.catch_warnings():
+        # the latents may be a read-only memmap of the cache; they are only read (batches are indexed copies), so
+        # sharing its memory is safe and avoids a copy of the whole training set
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        lat = torch.from_numpy(np.asarray(latents, dtype=np.float32))
     unet = model.unet
     unet.train()
     opt = torch.optim.AdamW(unet.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
