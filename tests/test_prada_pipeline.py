@@ -134,11 +134,8 @@ def test_token_loglik_and_summaries_match_manual_softmax() -> None:
     assert feats[1, 2] == pytest.approx(float(max(g2, g3)), rel=1e-5)
     assert scale_slices([1, 2, 4], 21) == [(0, 1), (1, 5), (5, 21)] and scale_slices([], 64) == [(0, 64)]
     # PRADA's position groups: raster-order ranges for single-scale tokens; multi-scale keeps one range per scale
-    assert scale_slices([], 10, 3) == [(0, 3), (3, 6), (6, 10)] and scale_slices([1, 2, 4], 21, 3) == [
-        (0, 1),
-        (1, 5),
-        (5, 21),
-    ]
+    assert scale_slices([], 10, 3) == [(0, 3), (3, 6), (6, 10)]
+    assert scale_slices([1, 2, 4], 21, 3) == [(0, 1), (1, 5), (5, 21)]
     with pytest.raises(ValueError, match="5 position groups for 4 tokens"):
         scale_slices([], 4, 5)
 

@@ -74,6 +74,13 @@ def score_training_rows(train_labels: np.ndarray, variant: str, negatives: list[
     )
 
 
+def integer_at_least(value: Any, key: str, minimum: int, hint: str = "") -> int:
+    """``value`` as an int >= ``minimum`` (bools and floats refused), else a ConfigError naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key}={value!r}; use an integer >= {minimum}{hint}")
+    return int(value)
+
+
 def per_family(value: Any, key: str, default: Any, check: Callable[[Any, str], Any], expected: str) -> dict[str, Any]:
     """A setting that may differ per family: one value for both, or {family: value} (absent families take
     ``default``). ``check(value, key)`` validates one value and raises naming the full key (``key.<family>``)."""
@@ -138,13 +145,12 @@ class ModelTracer:
             raise ConfigError("method.prada.tokens must be greedy_original|stage1")
         self.negatives = prada_negatives(self.prada_cfg)  # validated here, not after the feature stage
         n_gen = self.prada_cfg.get("generated_per_variant", 0)
-        if n_gen is not None and (isinstance(n_gen, bool) or not isinstance(n_gen, int) or n_gen < 0):
-            raise ConfigError(f"method.prada.generated_per_variant={n_gen!r}; use an integer >= 0 (0 = none)")
-        self.generated_per_variant = int(n_gen or 0)
-        groups = self.prada_cfg.get("position_groups", 1)
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-            raise ConfigError(f"method.prada.position_groups={groups!r}; use an integer >= 1 (1 = PRADA)")
-        self.position_groups = int(groups)
+        self.generated_per_variant = integer_at_least(
+            0 if n_gen is None else n_gen, "method.prada.generated_per_variant", 0, " (0 = none)"
+        )
+        self.position_groups = integer_at_least(
+            self.prada_cfg.get("position_groups", 1), "method.prada.position_groups", 1, " (1 = PRADA)"
+        )
         self._images: dict[str, torch.Tensor] = {}
         self._resumed: list[str] = []
 
@@ -163,13 +169,9 @@ class ModelTracer:
     @staticmethod
     def _pairs_per_variant(value: Any) -> dict[str, int]:
         """``pairs.per_variant`` as {family: count}: one count for both families, or a mapping per family."""
-
-        def check(n: Any, key: str) -> int:
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ConfigError(f"{key}={n!r}; use an integer >= 1")
-            return int(n)
-
-        return per_family(value, "method.pairs.per_variant", 64, check, "an integer")
+        return per_family(
+            value, "method.pairs.per_variant", 64, lambda n, key: integer_at_least(n, key, 1), "an integer"
+        )
 
     def _tokenizer(self, protocol: TracingProtocol, family: str, device: torch.device) -> Any:
         spec = protocol.models[family]
