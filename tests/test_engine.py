@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
+from accelerate.state import AcceleratorState
 
+from genattr.engine.accelerator import make_accelerator
 from genattr.engine.checkpoint import Checkpointer
 from genattr.engine.distributed import export_torch_distributed_env
 from genattr.utils.errors import ConfigError
@@ -65,3 +68,31 @@ def test_submitit_slurm_env_is_exported_before_accelerate(monkeypatch):
     out = export_torch_distributed_env()
     assert out["RANK"] == "1" and out["WORLD_SIZE"] == "2" and out["LOCAL_RANK"] == "1"
     assert os.environ["MASTER_ADDR"] == "node7" and int(os.environ["MASTER_PORT"]) > 0
+
+
+def test_single_task_slurm_job_opens_no_process_group(monkeypatch):
+    # one task needs no rendezvous; exporting LOCAL_RANK would make Accelerate bind a port
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(k, "unset")
+        monkeypatch.delenv(k)
+    env = {
+        "SUBMITIT_EXECUTOR": "slurm",
+        "SLURM_JOB_ID": "4243",
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "1",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_JOB_NODELIST": "node7",
+        "SLURM_STEP_NODELIST": "node7",
+        "SLURM_NTASKS_PER_NODE": "1",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert export_torch_distributed_env() == {}
+    assert "LOCAL_RANK" not in os.environ and "MASTER_PORT" not in os.environ
+    acc = make_accelerator({"cpu": True})
+    try:
+        assert acc.num_processes == 1 and not torch.distributed.is_initialized()
+    finally:
+        AcceleratorState._reset_state(True)

@@ -20,12 +20,20 @@ def in_submitit_job() -> bool:
 def export_torch_distributed_env() -> dict[str, str]:
     """Export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from a submitit SLURM job.
 
-    No-op outside submitit or when the variables are already set (torchrun, accelerate
-    launch). Returns what was exported.
+    No-op outside submitit, when the variables are already set (torchrun, accelerate
+    launch), or for a single-task job: with ``LOCAL_RANK`` set, Accelerate would open a
+    one-process gloo group whose TCP store binds ``MASTER_PORT``, a port submitit draws
+    from the job id inside the kernel's ephemeral range, so co-scheduled jobs could fail
+    with EADDRINUSE for no benefit. Returns what was exported.
     """
     if not in_submitit_job() or "RANK" in os.environ:
         return {}
+    from submitit import JobEnvironment
     from submitit.helpers import TorchDistributedEnvironment
+
+    if JobEnvironment().num_tasks == 1:
+        log.debug("single-task SLURM job: no torch.distributed process group")
+        return {}
 
     env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     exported = {
