@@ -10,7 +10,7 @@ from accelerate.state import AcceleratorState
 
 from genattr.engine.accelerator import make_accelerator
 from genattr.engine.checkpoint import Checkpointer
-from genattr.engine.distributed import export_torch_distributed_env
+from genattr.engine.distributed import MASTER_PORT_RANGE, export_torch_distributed_env, master_port
 from genattr.utils.errors import ConfigError
 
 
@@ -67,7 +67,15 @@ def test_submitit_slurm_env_is_exported_before_accelerate(monkeypatch):
         monkeypatch.setenv(k, v)
     out = export_torch_distributed_env()
     assert out["RANK"] == "1" and out["WORLD_SIZE"] == "2" and out["LOCAL_RANK"] == "1"
-    assert os.environ["MASTER_ADDR"] == "node7" and int(os.environ["MASTER_PORT"]) > 0
+    assert os.environ["MASTER_ADDR"] == "node7"
+    low, high = MASTER_PORT_RANGE
+    assert out["MASTER_PORT"] == str(master_port("4242")) and low <= int(out["MASTER_PORT"]) < high
+    # another job id gets another port; a port the user set is kept
+    assert master_port("4243") != master_port("4242")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("MASTER_PORT", "29511")
+    assert export_torch_distributed_env()["MASTER_PORT"] == "29511"
 
 
 def test_single_task_slurm_job_opens_no_process_group(monkeypatch):
