@@ -44,27 +44,36 @@ def test_latest_for_refuses_other_settings_or_tasks(tmp_path):
         ck.latest_for("abc", ["t0", "t2"])
 
 
-def test_submitit_slurm_env_is_exported_before_accelerate(monkeypatch):
+def _clear_torch_dist_env(monkeypatch) -> None:
     # the export writes os.environ directly: register every key so monkeypatch restores it,
     # otherwise later subprocesses would inherit WORLD_SIZE=2 and wait for a peer forever
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.setenv(k, "unset")
         monkeypatch.delenv(k)
-    assert export_torch_distributed_env() == {}  # not in a submitit job: nothing to do
+
+
+def _as_slurm_task(monkeypatch, job_id: str, rank: int, ntasks: int) -> None:
+    """The environment submitit sees in task ``rank`` of a one-node SLURM job with ``ntasks`` tasks."""
     env = {
         "SUBMITIT_EXECUTOR": "slurm",
-        "SLURM_JOB_ID": "4242",
-        "SLURM_PROCID": "1",
-        "SLURM_NTASKS": "2",
-        "SLURM_LOCALID": "1",
+        "SLURM_JOB_ID": job_id,
+        "SLURM_PROCID": str(rank),
+        "SLURM_NTASKS": str(ntasks),
+        "SLURM_LOCALID": str(rank),
         "SLURM_NODEID": "0",
         "SLURM_JOB_NUM_NODES": "1",
         "SLURM_JOB_NODELIST": "node7",
         "SLURM_STEP_NODELIST": "node7",
-        "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_NTASKS_PER_NODE": str(ntasks),
     }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
+
+
+def test_submitit_slurm_env_is_exported_before_accelerate(monkeypatch):
+    _clear_torch_dist_env(monkeypatch)
+    assert export_torch_distributed_env() == {}  # not in a submitit job: nothing to do
+    _as_slurm_task(monkeypatch, "4242", rank=1, ntasks=2)
     out = export_torch_distributed_env()
     assert out["RANK"] == "1" and out["WORLD_SIZE"] == "2" and out["LOCAL_RANK"] == "1"
     assert os.environ["MASTER_ADDR"] == "node7"
@@ -72,31 +81,15 @@ def test_submitit_slurm_env_is_exported_before_accelerate(monkeypatch):
     assert out["MASTER_PORT"] == str(master_port("4242")) and low <= int(out["MASTER_PORT"]) < high
     # another job id gets another port; a port the user set is kept
     assert master_port("4243") != master_port("4242")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR"):
-        monkeypatch.delenv(k)
+    _clear_torch_dist_env(monkeypatch)
     monkeypatch.setenv("MASTER_PORT", "29511")
     assert export_torch_distributed_env()["MASTER_PORT"] == "29511"
 
 
 def test_single_task_slurm_job_opens_no_process_group(monkeypatch):
     # one task needs no rendezvous; exporting LOCAL_RANK would make Accelerate bind a port
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.setenv(k, "unset")
-        monkeypatch.delenv(k)
-    env = {
-        "SUBMITIT_EXECUTOR": "slurm",
-        "SLURM_JOB_ID": "4243",
-        "SLURM_PROCID": "0",
-        "SLURM_NTASKS": "1",
-        "SLURM_LOCALID": "0",
-        "SLURM_NODEID": "0",
-        "SLURM_JOB_NUM_NODES": "1",
-        "SLURM_JOB_NODELIST": "node7",
-        "SLURM_STEP_NODELIST": "node7",
-        "SLURM_NTASKS_PER_NODE": "1",
-    }
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
+    _clear_torch_dist_env(monkeypatch)
+    _as_slurm_task(monkeypatch, "4243", rank=0, ntasks=1)
     assert export_torch_distributed_env() == {}
     assert "LOCAL_RANK" not in os.environ and "MASTER_PORT" not in os.environ
     acc = make_accelerator({"cpu": True})
