@@ -68,6 +68,25 @@ def test_aux_targets_map_old_to_zero_new_real_fake_to_one_two():
     assert net.head.fc.in_features == 3 * net.feature_dim
 
 
+def test_div_head_keeps_torch_default_init_and_der_aux_head_is_kaiming_zero_bias():
+    """``reset_div_head`` in mit-ll/lorax_cil ``LoRAX/models/convit_lorax.py`` builds a plain ``nn.Linear(d, 3)``
+    (bias uniform in +-1/sqrt(d)); DER's aux head (PyCIL ``SimpleLinear``) has a zero bias."""
+    net = LoRAXNet(_tiny(img_size=32, patch_size=8), LORA, "gpsa_qk_v", False)
+    for t in range(2):
+        net.begin_task(t, 2, aux_head=True)
+    bound = 1 / net.feature_dim**0.5
+    bias = net.aux_head.bias.detach()
+    assert bias.abs().max() <= bound and bias.abs().min() > 0
+    torch.manual_seed(3)
+    expected = torch.nn.Linear(net.feature_dim, 3)
+    torch.manual_seed(3)
+    assert torch.equal(net.new_aux_head(3).weight, expected.weight)
+    der = DERNet(_tiny(img_size=32, patch_size=8))
+    for t in range(2):
+        der.begin_task(t, 2, aux_head=True)
+    assert torch.all(der.aux_head.bias == 0)
+
+
 def test_herding_picks_the_sample_closest_to_the_mean_first_and_is_deterministic():
     rng = np.random.default_rng(0)
     feats = rng.normal(size=(50, 8)) + 3.0

@@ -75,6 +75,11 @@ class LoRAXNet(ContinualNet):
         if counted != self.adapter_params:
             raise RuntimeError(f"adapter {name} has {counted} parameters, expected {self.adapter_params}")
 
+    def new_aux_head(self, out_features: int) -> nn.Linear:
+        """The div head keeps ``nn.Linear``'s own init (``reset_div_head`` in ``LoRAX/models/convit_lorax.py``),
+        unlike the expanding head, which is kaiming-uniform with a zero bias."""
+        return nn.Linear(self.feature_dim, out_features)
+
     def branch_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         assert self.peft is not None
         feats = []

@@ -58,8 +58,12 @@ class ContinualNet(nn.Module):
         self.total_classes += n_new_classes
         self.head.expand(self.n_branches * self.feature_dim, self.total_classes)
         device = self.head.fc.weight.device
-        self.aux_head = fresh_linear(self.feature_dim, n_new_classes + 1).to(device) if aux_head and task > 0 else None
+        self.aux_head = self.new_aux_head(n_new_classes + 1).to(device) if aux_head and task > 0 else None
         self.n_tasks = task + 1
+
+    def new_aux_head(self, out_features: int) -> nn.Linear:
+        """The auxiliary head of a new task; DER's (``SimpleLinear``) is kaiming-uniform with a zero bias."""
+        return fresh_linear(self.feature_dim, out_features)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = list(self.branch_parameters()) + list(self.head.parameters())
