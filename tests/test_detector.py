@@ -98,7 +98,8 @@ def test_auroc_and_thresholded_metrics_match_sklearn() -> None:
     s = np.round(rng.uniform(size=500) * 0.6 + 0.4 * y, 2)  # many ties
     assert auroc(y, s) == pytest.approx(skm.roc_auc_score(y, s), abs=1e-12)
     m = thresholded(y, s, 0.5)
-    pred = (s >= 0.5).astype(int)
+    pred = (s > 0.5).astype(int)  # scores of exactly 0.5 are among the ties
+    assert (s == 0.5).any()
     assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
     assert m["precision"] == pytest.approx(skm.precision_score(y, pred))
     assert m["recall"] == pytest.approx(skm.recall_score(y, pred))
@@ -106,6 +107,24 @@ def test_auroc_and_thresholded_metrics_match_sklearn() -> None:
     fpr2, tpr2, _ = skm.roc_curve(y, s, drop_intermediate=False)
     assert np.allclose(fpr, fpr2) and np.allclose(tpr, tpr2)
     assert np.isnan(auroc(np.ones(5), np.arange(5)))
+
+
+def test_a_score_exactly_at_the_threshold_is_real() -> None:
+    # AI-GenBench: evaluation_scripts/evaluate_predictions_utils.py `(predictions > threshold)` on sigmoid
+    # scores, and torchmetrics' binary stat scores (`preds > threshold` on probabilities in [0, 1]) behind
+    # BalancedBinaryAccuracy / BinaryPrecision / BinaryRecall in algorithms/base_model.py
+    y = np.array([1, 1, 0, 0])
+    s = np.array([0.5, 0.9, 0.5, 0.1], dtype=np.float32)
+    m = thresholded(y, s, 0.5)
+    assert m["recall"] == 0.5 and m["specificity"] == 1.0 and m["precision"] == 1.0
+    assert m["balanced_accuracy"] == 0.75
+    try:
+        from torchmetrics.classification import BinaryRecall, BinarySpecificity
+    except ImportError:
+        return
+    t, target = torch.from_numpy(s), torch.from_numpy(y)
+    assert float(BinaryRecall(threshold=0.5)(t, target)) == m["recall"]
+    assert float(BinarySpecificity(threshold=0.5)(t, target)) == m["specificity"]
 
 
 def test_score_excludes_the_last_window() -> None:
@@ -122,12 +141,22 @@ def test_detector_configs_compose_with_the_paper_recipe(compose_cfg, model: str)
     assert cfg.trainer.global_batch_size == 512 and cfg.trainer.optimizer.lr == 1e-3
     assert cfg.method.augmentation_factor == 4 and cfg.data.generators_per_window == 4
     assert cfg.data.eval_pipeline.jpeg_quality == "code" and cfg.data.eval_pipeline.large_crop == "random"
+    assert cfg.method.train_variants == "per_window"  # the original's cumulative list, newest window first
+    assert cfg.data.val_balance_seed == 1338 and cfg.data.val_shuffle_seed == 1340
+    assert cfg.data.val_pairing_seed == 1341
     check_compatibility(cfg)
+
+
+def test_train_variants_flag_is_checked() -> None:
+    from genattr.methods.detection.detector import SlidingWindowDetector
+
+    with pytest.raises(ConfigError, match="method.train_variants='window0'"):
+        SlidingWindowDetector(name="detector", model={}, trainer={}, train_variants="window0")
 
 
 def test_default_detector_is_dinov2_and_protocols_are_checked(compose_cfg) -> None:
     cfg = compose_cfg(["method=detector", "data=aigenbench"])
-    assert cfg.model.name == "vit_large_patch14_dinov2.lvd142m_tune" and cfg.model.kwargs.img_size == 224
+    assert cfg.model.name == "vit_large_patch14_dinov2.lvd142m_tune" and cfg.model.pos_embed_resample == "hub"
     with pytest.raises(ConfigError, match="sliding_windows"):
         check_compatibility(compose_cfg(["method=lorax", "data=aigenbench"]))
     with pytest.raises(ConfigError, match="continual"):

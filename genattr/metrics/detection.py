@@ -1,9 +1,12 @@
 """Binary real/fake detection metrics as pure numpy functions (fake = positive class).
 
 AUROC is the Mann-Whitney statistic with average ranks for ties, which is what
-scikit-learn's ``roc_auc_score`` and torchmetrics' ``BinaryAUROC`` compute; the
-thresholded metrics use ``score >= threshold`` as "fake". Undefined values (a subset
-with one class only) are ``nan``, never a made-up 0.5.
+scikit-learn's ``roc_auc_score`` and torchmetrics' ``BinaryAUROC`` compute. The
+thresholded metrics call a sigmoid probability "fake" when ``score > threshold``
+(strictly), as AI-GenBench does twice: torchmetrics' binary stat scores (``preds >
+threshold`` on probabilities) during validation, and ``predictions > threshold`` in its
+offline ``evaluate_predictions_utils.py``; a score exactly at 0.5 is "real". Undefined
+values (a subset with one class only) are ``nan``, never a made-up 0.5.
 """
 
 from __future__ import annotations
@@ -50,9 +53,9 @@ def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def thresholded(labels: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
-    """Balanced accuracy (TPR + TNR) / 2, precision, recall (= TPR), specificity (= TNR)."""
+    """Balanced accuracy (TPR + TNR) / 2, precision, recall (= TPR), specificity (= TNR); fake: score > threshold."""
     y = np.asarray(labels).astype(bool)
-    pred = np.asarray(scores) >= threshold
+    pred = np.asarray(scores) > threshold
     tp, fn = int((pred & y).sum()), int((~pred & y).sum())
     tn, fp = int((~pred & ~y).sum()), int((pred & ~y).sum())
     tpr = tp / (tp + fn) if tp + fn else float("nan")

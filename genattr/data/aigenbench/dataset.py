@@ -23,11 +23,12 @@ import numpy as np
 from PIL import Image
 
 from genattr.data.aigenbench.splits import (
+    VAL_BALANCE_SEED,
     VAL_PAIRING_SEED,
     VAL_SHUFFLE_SEED,
     allot_training_rows,
-    balance_validation,
     pair_reals,
+    select_validation,
     shuffled_order,
     subset_mask,
 )
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 REQUIRED_COLUMNS = ("image", "label", "generator", "file_id")
 SPLITS = ("train", "validation")
 BENCHMARK_TYPES = ("cumulative", "continual_learning")
+WINDOW_ORDERS = ("newest_first", "oldest_first")
 
 
 class ArrowImages:
@@ -110,8 +112,8 @@ class SlidingWindowsProtocol:
     root: Path
     timeline: Timeline
     train: DetectionSplit
-    window_rows: list[np.ndarray]  #: per window: positions in ``train`` of that window only
-    validation: DetectionSplit  #: balanced, in evaluation order (shuffled)
+    window_rows: list[np.ndarray]  #: per window: positions in ``train`` of that window only (reals, then fakes)
+    validation: DetectionSplit  #: balanced, in evaluation order (reals-first selection, then shuffled)
     pairing: np.ndarray  #: per validation position: paired generator id of a real, -1 for a fake
     benchmark_type: str = "cumulative"
     info: dict[str, Any] = field(default_factory=dict)
@@ -120,10 +122,21 @@ class SlidingWindowsProtocol:
     def n_windows(self) -> int:
         return len(self.timeline.windows)
 
-    def training_positions(self, k: int) -> np.ndarray:
-        """Rows trained in window k: windows 0..k (cumulative) or k alone (continual_learning)."""
-        parts = self.window_rows[: k + 1] if self.benchmark_type == "cumulative" else [self.window_rows[k]]
-        return np.concatenate(parts)
+    def training_positions(self, k: int, order: str = "newest_first") -> np.ndarray:
+        """Rows trained in window k: windows 0..k (cumulative) or k alone (continual_learning).
+
+        ``newest_first`` is the original's cumulative list ``[window k, k-1, ..., 0]`` (each
+        window's reals, then its fakes). Since a position seeds an image's fixed variants,
+        the images of earlier windows move, and get new variants, every time a window is
+        added. ``oldest_first`` (``[0, ..., k]``) keeps each image at the position, and
+        with the variants, of the window that introduced it.
+        """
+        if order not in WINDOW_ORDERS:
+            raise ConfigError(f"training window order {order!r}; expected one of {list(WINDOW_ORDERS)}")
+        if self.benchmark_type != "cumulative":
+            return self.window_rows[k]
+        parts = self.window_rows[: k + 1]
+        return np.concatenate(parts[::-1] if order == "newest_first" else parts)
 
     def window_ids(self, windows: range | list[int]) -> list[int]:
         return [self.timeline.generator_id(g) for g in self.timeline.generators_in(windows)]
@@ -199,6 +212,7 @@ def build_aigenbench(
     generators_per_window: int = 4,
     benchmark_type: str = "cumulative",
     train_real_seed: int = 1337,
+    val_balance_seed: int = VAL_BALANCE_SEED,
     val_shuffle_seed: int = VAL_SHUFFLE_SEED,
     val_pairing_seed: int = VAL_PAIRING_SEED,
     max_windows: int | None = None,
@@ -238,7 +252,7 @@ def build_aigenbench(
         timeline = Timeline(timeline.windows[: int(max_windows)], timeline.dates)
     train = _read_split(folder, "train", timeline)
     val = _read_split(folder, "validation", timeline)
-    val = val.take(balance_validation(val.generator_ids))
+    val = val.take(select_validation(val.generator_ids, seed=val_balance_seed))
     val = val.take(shuffled_order(len(val), val_shuffle_seed))
     pairing = pair_reals(val.generator_ids, seed=val_pairing_seed)
     window_gen_ids = [[timeline.generator_id(g) for g in w] for w in timeline.windows]

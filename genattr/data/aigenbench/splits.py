@@ -1,10 +1,16 @@
 """Which rows train in which window, and which reals are scored with which generator.
 
-Both rules are fixed by the benchmark (``specs/aigenbench.md`` 1.2, 3), with its seeds:
+Both rules are fixed by the benchmark's datamodule (``training_and_evaluation/
+lightning_data_modules/deepfake_detection_datamodule.py`` in MI-BioLab/AI-GenBench, with
+the balanced-split fix of 367b44c; ``specs/aigenbench.md`` 1.2, 3), seeds included. Orders
+matter as much as memberships: the position of an image in these lists seeds its fixed
+augmentation (4321 + position), so every list keeps the original's order.
 
-* training reals: window k gets as many reals as it has fakes, drawn without replacement
-  across windows with ``random.seed(1337 + k)`` from the sorted pool of unused reals;
-* validation: the balanced split is shuffled like ``datasets.Dataset.shuffle(seed=1340)``,
+* training: window k's own rows are as many reals as it has fakes, drawn without
+  replacement across windows with ``random.seed(1337 + k)`` from the sorted pool of unused
+  reals (kept in ``random.sample`` order), followed by its fakes in row order;
+* validation: reals first, then fakes, each side subsampled only when it is the larger
+  one (seed 1338); that list is shuffled like ``datasets.Dataset.shuffle(seed=1340)``,
   the real positions are shuffled with ``random.seed(1341)`` and zipped one-to-one with
   the fake positions, so every real image is "paired" with one generator. A window or
   generator subset is its fakes plus the reals paired with them.
@@ -32,7 +38,7 @@ def allot_training_rows(
     seed: int = TRAIN_REAL_SEED,
     split: str = "train",
 ) -> list[np.ndarray]:
-    """Per window: its fakes plus the same number of fresh reals (row indices, sorted).
+    """Per window: as many fresh reals as it has fakes (in draw order), then its fakes (row order).
 
     ``generator_ids`` holds one id per row (0 = real); ``window_ids[k]`` the generator
     ids of window k. Reals already given to an earlier window are never drawn again.
@@ -49,31 +55,35 @@ def allot_training_rows(
             )
         reals = random.Random(seed + k).sample(sorted(available), len(fakes))
         available.difference_update(reals)
-        out.append(np.sort(np.concatenate([fakes, np.asarray(reals, dtype=fakes.dtype)])))
+        out.append(np.concatenate([np.asarray(reals, dtype=rows.dtype), fakes]))
     return out
 
 
-def balance_validation(generator_ids: np.ndarray, *, seed: int = VAL_BALANCE_SEED) -> np.ndarray:
-    """Rows of a real/fake-balanced validation split (all rows when already balanced).
+def select_validation(generator_ids: np.ndarray, *, seed: int = VAL_BALANCE_SEED) -> np.ndarray:
+    """Rows of the real/fake-balanced validation split, reals first, in the original's order.
 
-    The larger side is subsampled: reals uniformly, fakes stratified by generator.
+    Balanced splits (v1.0.0) keep every row: all reals, then all fakes, each in row order.
+    Otherwise the larger side is subsampled: reals by ``random.sample`` (seed 1338, draw
+    order kept), fakes by scikit-learn's stratified ``train_test_split(random_state=1338)``
+    (its order kept), exactly as the original datamodule does.
     """
     rows = np.arange(len(generator_ids))
     reals, fakes = rows[generator_ids == 0], rows[generator_ids != 0]
-    if len(reals) == len(fakes):
-        return rows
-    rng = random.Random(seed)
     if len(reals) > len(fakes):
-        reals = np.sort(np.asarray(rng.sample(reals.tolist(), len(fakes)), dtype=rows.dtype))
-    else:
-        keep = []
-        gens, counts = np.unique(generator_ids[fakes], return_counts=True)
-        quota = np.floor(counts * len(reals) / len(fakes)).astype(int)
-        quota[: len(reals) - quota.sum()] += 1  # hand out the remainder, lowest ids first
-        for g, q in zip(gens, quota, strict=True):
-            keep += rng.sample(fakes[generator_ids[fakes] == g].tolist(), int(q))
-        fakes = np.sort(np.asarray(keep, dtype=rows.dtype))
-    return np.sort(np.concatenate([reals, fakes]))
+        reals = np.asarray(random.Random(seed).sample(reals.tolist(), len(fakes)), dtype=rows.dtype)
+    elif len(fakes) > len(reals):
+        try:
+            from sklearn.model_selection import train_test_split
+        except ImportError as err:  # only unbalanced splits need it; v1.0.0 is balanced
+            raise DataError(
+                f"the validation split has more fakes ({len(fakes)}) than reals ({len(reals)}); subsampling the "
+                "fakes as the benchmark does needs scikit-learn (pip install scikit-learn)"
+            ) from err
+        kept, _ = train_test_split(
+            fakes.tolist(), train_size=len(reals), stratify=generator_ids[fakes].tolist(), random_state=seed
+        )
+        fakes = np.asarray(kept, dtype=rows.dtype)
+    return np.concatenate([reals, fakes])
 
 
 def shuffled_order(n: int, seed: int = VAL_SHUFFLE_SEED) -> np.ndarray:

@@ -1,10 +1,14 @@
 """torch ``Dataset`` views of a split: fixed-augmented training copies and scored evaluation crops.
 
-Training (``PreAugmented`` in the original): ``len = N * augmentation_factor``; index i
-is copy ``i % am`` of element ``i // am``, and its deterministic augmentation is seeded by
-(copy, element) only, so each image has exactly ``am`` fixed variants, identical in every
-epoch, window and run. Only rot90 / flip and the size adaptation vary, drawn from a
-stream keyed by (run seed, window, index) so that a resumed run sees the same batches.
+Training (``PreAugmentedDataset`` in the original): ``len = N * augmentation_factor``;
+index i is copy ``i % am`` of element ``i // am``, and its deterministic augmentation is
+seeded by (copy, element) only, element being the image's position in the window's
+training list. So within a window each image has exactly ``am`` fixed variants, identical
+in every epoch and run. They are *not* identical across windows: the original's
+cumulative list puts the newest window first, so an earlier image's position, hence its
+variants, change every time a window is added (``method.train_variants``). Only rot90 /
+flip and the size adaptation vary, drawn from a stream keyed by (run seed, window,
+index) so that a resumed run sees the same batches.
 
 Evaluation: position p of the (shuffled, balanced) validation set is augmented with seed
 4321 + p, so every window scores exactly the same pixels.
@@ -27,7 +31,11 @@ EVAL_SEED = 4321
 
 
 class FixedAugmentedTrainSet(Dataset):
-    """``augmentation_factor`` fixed variants of every training image of a window."""
+    """``augmentation_factor`` fixed variants of every training image of a window.
+
+    ``positions`` is the window's training list in order; position j of copy c is seeded
+    with ``fixed_seed(c, j)``.
+    """
 
     def __init__(
         self,

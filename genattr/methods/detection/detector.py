@@ -1,11 +1,14 @@
 """The AI-GenBench detector: cumulative training over chronological windows, scored after each.
 
 Window k trains on windows 0..k (``cumulative``) for one epoch of ``augmentation_factor``
-fixed variants per image, starting from window k-1's final weights with a *new* SGD and
-OneCycleLR schedule (the original starts a fresh Lightning ``fit`` per window and loads
-only the state dict). After every window the whole validation split goes through the
-mandatory pipeline and is scored on the Next / Growing / Whole subsets. A finished window
-leaves a checkpoint and a ``done`` marker; ``resume=auto`` continues at the next window.
+fixed variants per image (seeded by the image's position in the original's list
+``[window k, k-1, ..., 0]``, so older images get new variants in every window; the logged
+flag ``train_variants=kept`` keeps each image's first variants instead), starting from
+window k-1's final weights with a *new* SGD and OneCycleLR schedule (the original starts
+a fresh Lightning ``fit`` per window and loads only the state dict). After every window
+the whole validation split goes through the mandatory pipeline and is scored on the Next /
+Growing / Whole subsets. A finished window leaves a checkpoint and a ``done`` marker;
+``resume=auto`` continues at the next window.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ from genattr.utils.seed import seed_everything
 log = logging.getLogger(__name__)
 
 SUBSETS = ("next", "growing", "whole")
+#: method.train_variants -> the order of the cumulative training list (positions seed the variants)
+TRAIN_VARIANTS = {"per_window": "newest_first", "kept": "oldest_first"}
 
 
 def metric_key(name: str) -> str:
@@ -63,10 +68,13 @@ class SlidingWindowDetector:
         train_aug: str = "baseline",
         train_crop: str = "resize",
         eval_crop: str = "resize",
+        train_variants: str = "per_window",
         dump_predictions: bool = True,
     ) -> None:
         check_crop("train", train_crop)
         check_crop("eval", eval_crop)
+        if train_variants not in TRAIN_VARIANTS:
+            raise ConfigError(f"method.train_variants={train_variants!r}; expected one of {list(TRAIN_VARIANTS)}")
         if augmentation_factor < 1:
             raise ConfigError(f"method.augmentation_factor must be >= 1, got {augmentation_factor}")
         self.name = name
@@ -77,6 +85,7 @@ class SlidingWindowDetector:
         self.train_aug = train_aug
         self.train_crop = train_crop
         self.eval_crop = eval_crop
+        self.train_variants = train_variants
         self.dump = bool(dump_predictions)
 
     def run(self, protocol: SlidingWindowsProtocol, ctx: RunContext) -> Report:
@@ -116,6 +125,11 @@ class WindowLoop:
             self.micro,
             world,
             self.accum,
+        )
+        log.info(
+            "detector: method.train_variants=%s (training list %s; per_window is the original)",
+            method.train_variants,
+            TRAIN_VARIANTS[method.train_variants],
         )
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -194,9 +208,12 @@ class WindowLoop:
         """One window: new SGD + OneCycleLR over this window's optimizer steps, weights carried over."""
         protocol, acc, tr = self.protocol, self.acc, self.method.trainer
         seed_everything(self.ctx.seed * 1009 + k, deterministic=bool(tr.get("deterministic", True)))
+        order = TRAIN_VARIANTS[self.method.train_variants]
+        if self.train_cache is not None and order == "newest_first":
+            self.train_cache.clear()  # every earlier image moves to a new position: no variant is reused
         data = FixedAugmentedTrainSet(
             protocol.train,
-            protocol.training_positions(k),
+            protocol.training_positions(k, order),
             augmentation_factor=self.method.augmentation_factor,
             pipeline=self.train_pipeline,
             crop=self.method.train_crop,
@@ -402,6 +419,7 @@ class WindowLoop:
             "whole_auroc": [float(w["whole"]["auroc"]) for w in self.per_window],
             "per_window": self.per_window,
             "global_batch_size": self.global_batch,
+            "train_variants": self.method.train_variants,
             "accumulation_steps": self.accum,
             "train_seconds_this_process": seconds,
             "data_info": {k: v for k, v in protocol.info.items() if k.endswith("sha256") or k == "eval_pipeline"},
