@@ -2,13 +2,14 @@
 
 A backbone returns pooled features (``num_classes=0``): for ConViT the CLS token after
 the final LayerNorm, which is what LoRAX concatenates across adapters.
+The hub-cache probes here also serve the open_clip image towers (``open_clip_towers``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -74,18 +75,26 @@ def create_backbone(
     return model
 
 
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` forbids downloads (then only cached hub files can be used)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def hub_file_cached(repo_id: str, filenames: Iterable[str]) -> bool:
+    """Whether one of ``filenames`` of the hub repo ``repo_id`` is in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in filenames)
+
+
 def _check_hub_reachable(name: str) -> None:
     """Offline + pretrained without a cached file is an immediate error, not a 50 s hang."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes"):
+    if not hub_offline():
         return
     cfg = timm.models.get_pretrained_cfg(name)
     hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-    if hub_id:
-        from huggingface_hub import try_to_load_from_cache
-
-        for fname in ("model.safetensors", "pytorch_model.bin"):
-            if isinstance(try_to_load_from_cache(hub_id, fname), str):
-                return
+    if hub_id and hub_file_cached(hub_id, ("model.safetensors", "pytorch_model.bin")):
+        return
     raise ConfigError(
         f"model.pretrained=true needs the {name} weights from the Hugging Face hub, but "
         "HF_HUB_OFFLINE=1 and they are not cached; set model.weights=/path/to/weights.safetensors "
