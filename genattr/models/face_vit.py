@@ -1,4 +1,4 @@
-"""Face Transformer ViT-P8S8 with a CosFace head, and the sliced-head timm ViT for ImageNet100.
+"""Face Transformer ViT-P8S8 with a CosFace head (the ImageNet100 ViT is in ``imagenet_vit``).
 
 Both forgetting backbones share one interface, ``net(x, label=None) -> (logits, emb)``,
 and keep timm ``Block``s in ``net.blocks`` (``mlp.fc1`` / ``mlp.fc2`` are the LoRA
@@ -8,7 +8,10 @@ ViT-P8S8 (``specs/gslora.md`` 2.1): 112x112 pixels in [0, 1], patch 8 -> 196 tok
 dim 512, depth 6, 8 heads, MLP 2048, dropout 0.1, qkv without bias, pre-norm, embedding =
 LayerNorm(CLS); CosFace s = 64, m = 0.35, 19,157,504 parameters for 100 classes. The
 original scales attention by ``dim ** -0.5`` (not ``head_dim``): ``attn_scale: dim``
-reproduces it.
+reproduces it. Its LayerNorms are torch's (eps 1e-5, timm's default is 1e-6), so the blocks
+get ``nn.LayerNorm``; its CLS token and position embedding start from ``torch.randn``
+(``embed_init: randn``; timm ViTs use ``trunc_normal`` with std 0.02). ``model.weights``
+also reads the original's own checkpoints (``face_checkpoint``).
 """
 
 from __future__ import annotations
@@ -18,18 +21,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from genattr.models.face_checkpoint import LORA_MODES, convert_face_checkpoint
 from genattr.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 ATTN_SCALES = ("dim", "head_dim")
+EMBED_INITS = ("randn", "trunc_normal")
 
 
 class CosFace(nn.Module):
@@ -70,22 +74,34 @@ class FaceViT(nn.Module):
         s: float = 64.0,
         m: float = 0.35,
         attn_scale: str = "dim",
+        embed_init: str = "randn",
     ) -> None:
         super().__init__()
         if attn_scale not in ATTN_SCALES:
             raise ConfigError(f"model.attn_scale={attn_scale} is unknown; choose one of {list(ATTN_SCALES)}")
+        if embed_init not in EMBED_INITS:
+            raise ConfigError(f"model.embed_init={embed_init} is unknown; choose one of {list(EMBED_INITS)}")
+        self.embed_init = embed_init
         if img_size % patch_size:
             raise ConfigError(f"model.img_size={img_size} must be a multiple of model.patch_size={patch_size}")
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=3, embed_dim=embed_dim)
         n = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, embed_dim))
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.reset_embeddings()
         self.pos_drop = nn.Dropout(emb_dropout)
+        # dropout as in the original: after the attention projection, after GELU and after fc2
+        # (timm's proj_drop); none on the attention map; exact GELU; torch LayerNorm (eps 1e-5)
         self.blocks = nn.Sequential(
             *[
-                Block(embed_dim, num_heads, mlp_ratio=mlp_dim / embed_dim, qkv_bias=False, proj_drop=dropout)
+                Block(
+                    embed_dim,
+                    num_heads,
+                    mlp_ratio=mlp_dim / embed_dim,
+                    qkv_bias=False,
+                    proj_drop=dropout,
+                    norm_layer=nn.LayerNorm,
+                )
                 for _ in range(depth)
             ]
         )
@@ -96,6 +112,14 @@ class FaceViT(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
         self.head = CosFace(embed_dim, num_classes, s=s, m=m)
         self.num_features = embed_dim
+
+    def reset_embeddings(self) -> None:
+        """Draw the CLS token and position embedding as ``model.embed_init`` says (random init)."""
+        for p in (self.pos_embed, self.cls_token):
+            if self.embed_init == "randn":  # the original's torch.randn: N(0, 1)
+                nn.init.normal_(p)
+            else:
+                nn.init.trunc_normal_(p, std=0.02)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
@@ -108,40 +132,8 @@ class FaceViT(nn.Module):
         return self.head(emb, label), emb
 
 
-class SlicedHeadViT(nn.Module):
-    """A timm ViT whose 1000-way ImageNet head is cut to the given class ids (plain Linear)."""
-
-    def __init__(self, vit: nn.Module, class_ids: Sequence[int]) -> None:
-        super().__init__()
-        head = vit.get_classifier()
-        if not isinstance(head, nn.Linear):
-            raise ConfigError("the ImageNet backbone needs a Linear classifier to slice (num_classes=1000)")
-        ids_list = [int(i) for i in class_ids]
-        if max(ids_list) >= head.out_features:
-            raise ConfigError(f"class id {max(ids_list)} is outside the {head.out_features}-way head")
-        ids = torch.as_tensor(ids_list, dtype=torch.long, device=head.weight.device)
-        self.head = nn.Linear(head.in_features, len(ids), device=head.weight.device)
-        with torch.no_grad():
-            self.head.weight.copy_(head.weight[ids])
-            self.head.bias.copy_(head.bias[ids])
-        vit.reset_classifier(0)
-        self.vit = vit
-        self.num_features = int(vit.num_features)
-
-    @property
-    def blocks(self) -> nn.Sequential:
-        """The timm blocks (a property, not a second registration, so the state dict has one copy)."""
-        return self.vit.blocks
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vit.forward_head(self.vit.forward_features(x), pre_logits=True)
-
-    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        emb = self.features(x)
-        return self.head(emb), emb
-
-
-def _load_weights(net: nn.Module, weights: str) -> None:
+def _load_weights(net: FaceViT, weights: str, checkpoint: Mapping[str, Any]) -> None:
+    """Load a FaceViT or an original ``vit_face`` state dict (``face_checkpoint``) into ``net``."""
     path = Path(weights).expanduser()
     if not path.is_file():
         raise ConfigError(f"model.weights={weights} does not exist (expected a .safetensors or .pth state dict)")
@@ -150,12 +142,26 @@ def _load_weights(net: nn.Module, weights: str) -> None:
 
         state = load_file(str(path))
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ConfigError(
-            f"model.weights={weights} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # unpickling refused or a corrupt file: say which file
+            raise ConfigError(
+                f"model.weights={weights} is not a readable tensor state dict "
+                f"(torch.load with weights_only=True refused it: {type(err).__name__})"
+            ) from err
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"model.weights={weights} is not a state dict of tensors (got {type(state).__name__})")
+    missing = [k for k in ("lora", "lora_alpha") if k not in checkpoint]
+    if missing:
+        raise ConfigError(f"model.checkpoint needs {missing} to read model.weights (see conf/model/vit_face_p8s8.yaml)")
+    converted = convert_face_checkpoint(
+        state,
+        net.state_dict(),
+        source=f"model.weights={weights}",
+        lora=str(checkpoint["lora"]),
+        lora_alpha=float(checkpoint["lora_alpha"]),
+    )
+    net.load_state_dict(converted, strict=True)
     log.info("loaded backbone weights from %s", path)
 
 
@@ -166,46 +172,19 @@ def build_face_vit(
     name: str = "vit_face_p8s8",
     weights: str | None = None,
     head: Mapping[str, float] | None = None,
+    checkpoint: Mapping[str, Any] | None = None,
     **arch: Any,
 ) -> FaceViT:
-    """``conf/model/vit_face_*.yaml`` ``_target_``; ``class_ids`` is unused (the head is per dataset)."""
+    """``conf/model/vit_face_*.yaml`` ``_target_``; ``class_ids`` is unused (the head is per dataset).
+
+    ``checkpoint`` (``lora``, ``lora_alpha``) says how loralib keys in an original-layout
+    ``weights`` file are read.
+    """
     head = dict(head or {})
     net = FaceViT(num_classes=num_classes, s=float(head.get("s", 64.0)), m=float(head.get("m", 0.35)), **arch)
+    ck = dict(checkpoint or {})
+    if "lora" in ck and ck["lora"] not in LORA_MODES:
+        raise ConfigError(f"model.checkpoint.lora={ck['lora']} is unknown; choose one of {list(LORA_MODES)}")
     if weights is not None:
-        _load_weights(net, weights)
+        _load_weights(net, weights, ck)
     return net
-
-
-def build_imagenet_vit(
-    *,
-    num_classes: int,
-    class_ids: Sequence[int] | None,
-    name: str = "vit_base_patch16_224",
-    pretrained: bool = False,
-    weights: str | None = None,
-    img_size: int | None = None,
-    kwargs: Mapping[str, Any] | None = None,
-) -> SlicedHeadViT:
-    """``conf/model/vit_b16_imagenet100.yaml``: timm ViT with the ImageNet head sliced by ``class_ids``.
-
-    ``weights`` is a local timm-format file of the full 1000-way model; the twin uses a
-    tiny ViT (``kwargs``) trained on the twin instead (``twin_pretrain`` in the loop).
-    """
-    if class_ids is None or len(class_ids) != num_classes:
-        raise ConfigError("the ImageNet backbone needs the folder-name mapping (protocol.info['imagenet_ids'])")
-    extra = dict(kwargs or {})
-    if img_size is not None:
-        extra["img_size"] = img_size
-    if weights is not None:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"model.weights={weights} does not exist (expected the timm {name} weights)")
-        vit = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **extra)
-    elif pretrained:
-        from genattr.models.backbones import _check_hub_reachable
-
-        _check_hub_reachable(name)
-        vit = timm.create_model(name, pretrained=True, **extra)
-    else:
-        vit = timm.create_model(name, pretrained=False, **extra)
-    return SlicedHeadViT(vit, class_ids)
