@@ -4,8 +4,11 @@ A dataset family (``faces``, ``imagenet100``) only reads ``{train,test}/<class>/
 image lists; this module turns them into the scenario of ``specs/gslora.md`` section 3:
 the 100 classes are shuffled with ``random.seed(1337)`` and task ``t`` forgets
 ``order[F - t*P : F - t*P + P]`` while ``order[0 : F - t*P]`` remain. Training only ever
-sees a subset (``data_ratio`` of the images or ``few_shot`` images per class), which is
-fixed once per run so that every method gets the same data budget.
+sees a subset (``data_ratio`` of the images or ``few_shot`` images per class). As in the
+original (``train/train_own_forget_cl.py``: ``torch.randperm`` on the task's forget set and on
+its remain set, every task), the subset is drawn anew for each task by default; the draws
+come from a generator seeded with ``(subset_seed, task)``, so every method gets the same
+images. ``subset_per_task=false`` draws one subset for the whole run instead.
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ class ForgetTask:
 class ForgettingProtocol:
     """Everything a forgetting method needs: the full splits, the task list and the subsets.
 
-    ``train_subset`` indexes ``train``: the images any method may train on (the data
-    budget); ``missing`` classes have no image in it (the missing-class protocol).
+    ``task_subsets[t]`` = (remain, forget) indices into ``train``: what task ``t`` trains on;
+    ``train_subset`` is their union, the images any method may touch (the data budget);
+    ``missing`` classes have no image in it (the missing-class protocol).
     """
 
     kind: ClassVar[str] = "forgetting"
@@ -57,12 +61,17 @@ class ForgettingProtocol:
     train: ImageListDataset
     test: ImageListDataset
     train_subset: np.ndarray
+    task_subsets: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     missing: tuple[int, ...] = ()
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
+
+    def task_subset(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """(remain, forget) indices into ``train`` that task ``t`` trains on."""
+        return self.task_subsets[t]
 
     def train_of(self, classes: Sequence[int]) -> ImageListDataset:
         """The budgeted training images of ``classes``."""
@@ -157,6 +166,83 @@ def select_subset(
     return idx
 
 
+def draw_task_subset(
+    labels: np.ndarray,
+    classes: Sequence[int],
+    *,
+    data_ratio: float | None,
+    few_shot: int | None,
+    ratio_over_split: bool,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Indices (sorted) of the training images of ``classes`` one task may use.
+
+    The original's draw: ``randperm(n)[: int(n * data_ratio)]`` over the images of the class
+    set (``ratio_over_split``; otherwise the ratio within each class), or ``few_shot``
+    images per class (``create_few_shot_dataset``), which wins over ``data_ratio``.
+    """
+    pool = np.flatnonzero(np.isin(labels, np.asarray(list(classes), dtype=np.int64)))
+    if few_shot is not None:
+        if int(few_shot) < 1:
+            raise ConfigError(f"data.scenario.few_shot={few_shot} must be >= 1 or null")
+        per = [rng.permutation(pool[labels[pool] == c])[: int(few_shot)] for c in np.unique(labels[pool])]
+        idx = np.concatenate(per) if per else pool[:0]
+    elif data_ratio is None or float(data_ratio) >= 1.0:
+        idx = pool
+    else:
+        ratio = float(data_ratio)
+        if ratio <= 0:
+            raise ConfigError(f"data.scenario.data_ratio={data_ratio} must be in (0, 1]")
+        if ratio_over_split:
+            idx = rng.permutation(pool)[: int(len(pool) * ratio)]
+        else:
+            per = [
+                rng.permutation(ids)[: max(1, round(len(ids) * ratio))]
+                for ids in (pool[labels[pool] == c] for c in np.unique(labels[pool]))
+            ]
+            idx = np.concatenate(per) if per else pool[:0]
+    return np.sort(idx)
+
+
+def task_subsets(
+    labels: np.ndarray,
+    tasks: Sequence[ForgetTask],
+    *,
+    scenario: Mapping[str, Any],
+    missing: Sequence[int],
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(remain, forget) training indices of every task, per ``data.scenario``.
+
+    ``subset_per_task`` (the original): each task draws from its own forget and remain
+    sets (missing classes left out of the pool), with a generator seeded by
+    ``(subset_seed, task)``. Otherwise one subset for the run (:func:`select_subset`),
+    cut to each task's classes.
+    """
+    seed = int(scenario.get("subset_seed", 1337))
+    kw = {
+        "data_ratio": scenario.get("data_ratio"),
+        "few_shot": scenario.get("few_shot"),
+        "ratio_over_split": bool(scenario.get("ratio_over_split", True)),
+    }
+    miss = set(int(c) for c in missing)
+    out = []
+    if bool(scenario.get("subset_per_task", True)):
+        for task in tasks:
+            rng = np.random.default_rng([seed, task.index])
+            forget = draw_task_subset(labels, task.forget, rng=rng, **kw)
+            remain = draw_task_subset(labels, [c for c in task.remain if c not in miss], rng=rng, **kw)
+            out.append((remain, forget))
+        return out
+    budget = select_subset(labels, missing=missing, seed=seed, **kw)
+    for task in tasks:
+        out.append(
+            tuple(
+                budget[np.isin(labels[budget], np.asarray(cls, dtype=np.int64))] for cls in (task.remain, task.forget)
+            )
+        )
+    return out
+
+
 def read_class_folders(
     root: Path,
     *,
@@ -215,20 +301,20 @@ def build_forgetting_protocol(
     if n_missing < 0 or n_missing > int(sc["first_classes"]) - (int(sc["num_tasks"]) - 1) * int(sc["per_task"]):
         raise ConfigError(f"data.scenario.missing={n_missing} must be >= 0 and leave them in every remaining set")
     missing = tuple(order[:n_missing])
-    subset = select_subset(
-        train.labels,
-        data_ratio=sc.get("data_ratio"),
-        few_shot=sc.get("few_shot"),
-        ratio_over_split=bool(sc.get("ratio_over_split", True)),
-        missing=missing,
-        seed=int(sc.get("subset_seed", 1337)),
-    )
+    per_task = task_subsets(train.labels, tasks, scenario=sc, missing=missing)
+    subset = np.unique(np.concatenate([np.concatenate(pair) for pair in per_task]))
     counts = np.bincount(train.labels[subset], minlength=n)
+    log.info(
+        "training subsets drawn %s (data.scenario.subset_per_task=%s; the original draws per task)",
+        "per task" if bool(sc.get("subset_per_task", True)) else "once per run",
+        bool(sc.get("subset_per_task", True)),
+    )
     info = {
         "n_classes": n,
         "n_train": len(train),
         "n_test": len(test),
         "n_train_subset": int(len(subset)),
+        "task_subset_sizes": [{"remain": int(len(r)), "forget": int(len(f))} for r, f in per_task],
         "subset_per_class_min_max": [int(counts.min()), int(counts.max())],
         "order": order,
         "tasks": [{"name": t.name, "forget": list(t.forget)} for t in tasks],
@@ -258,6 +344,7 @@ def build_forgetting_protocol(
         train=train,
         test=test,
         train_subset=subset,
+        task_subsets=per_task,
         missing=missing,
         info=info,
     )

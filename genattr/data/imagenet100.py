@@ -3,8 +3,11 @@
 Layout: ``<root>/{train,test}/<wnid>/*.JPEG`` plus ``<root>/imagenet_folder_names.txt``
 listing all 1000 ImageNet wnids in the standard index order. That file is required:
 it is how the 1000-way ImageNet head is sliced to these 100 classes
-(``protocol.info['imagenet_ids']``). Preprocessing is Resize(256) -> CenterCrop(224) ->
-ImageNet mean/std for train and test alike, as the original.
+(``protocol.info['imagenet_ids']``). Preprocessing is Resize(256, bilinear) -> CenterCrop(224)
+on the PIL image for train and test alike, as the original (``train/train_own_forget_cl.py``,
+``data_mode == "imagenet100"``). Normalisation is not done here: it belongs to the weights, so
+the network applies its own mean/std (:mod:`genattr.models.imagenet_vit`) and the two can
+never disagree silently.
 """
 
 from __future__ import annotations
@@ -30,18 +33,16 @@ log = logging.getLogger(__name__)
 
 FOLDER_NAMES_FILE = "imagenet_folder_names.txt"
 LAYOUT = f"<root>/train/<wnid>/*.JPEG, <root>/test/<wnid>/*.JPEG and <root>/{FOLDER_NAMES_FILE}"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def imagenet_transform(resize: int, crop: int) -> v2.Compose:
+    """Short side to ``resize`` (PIL bilinear, as torchvision ``Resize`` on a PIL image), centre crop, [0, 1]."""
     return v2.Compose(
         [
-            v2.ToImage(),
-            v2.Resize(resize, antialias=True),
+            v2.Resize(resize, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
             v2.CenterCrop(crop),
+            v2.ToImage(),
             v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
     )
 
@@ -92,6 +93,7 @@ def build_imagenet100(
             "imagenet_ids": imagenet_ids(data_root, classes),
             "resize": int(resize),
             "crop": int(crop),
+            "normalisation": "in the model (the weights' own mean/std)",
             "layout": "imagenet100",
         },
     )

@@ -1,9 +1,12 @@
 """What every forgetting method shares: settings, the per-task hooks, and the task loop entry.
 
 GS-LoRA and the baselines differ only in (1) what they wrap or re-initialise at task
-start, (2) which parameters train, (3) the loss of one paired step (a remaining batch
-and a forgotten batch), and (4) what happens at task end (merge the adapter). The loop
-in :mod:`genattr.methods.forgetting.loop` owns data, optimiser, schedule, evaluation,
+start, (2) which parameters train, (3) the passes a task makes over its data (the
+:class:`EpochPlan`: GS-LoRA runs epochs over the remaining subset with forgotten batches
+cycled beside them, the original's LwF/DER over the forgotten subset, L2/EWC/MAS over
+the mixed union, SCRUB alternates forget and remain passes), (4) the loss of one step,
+and (5) what happens at task end (merge the adapter). The loop in
+:mod:`genattr.methods.forgetting.loop` owns data, optimiser, schedule, evaluation,
 checkpoints and reports.
 """
 
@@ -24,12 +27,46 @@ from genattr.utils.errors import ConfigError
 
 @dataclass
 class Batch:
-    """One paired step: remaining images/labels and (cycled) forgotten images/labels."""
+    """One step: remaining images/labels and forgotten images/labels.
+
+    A half the pass does not draw is empty (zero rows). ``extra`` is a further remaining
+    batch from the same cycle (DER++'s next batch); ``phase`` is the pass's
+    :attr:`EpochPlan.phase`.
+    """
 
     xr: torch.Tensor
     yr: torch.Tensor
     xf: torch.Tensor
     yf: torch.Tensor
+    extra: tuple[torch.Tensor, torch.Tensor] | None = None
+    phase: str = ""
+
+
+#: what one pass (loop epoch) runs over: the remaining subset, the forgotten subset, or both
+#: mixed into one shuffled set (the original's ConcatDataset with ``--replay``)
+EPOCH_OVER = ("remain", "forget", "union")
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """One pass over a task's data.
+
+    ``over``: the set whose loader defines the pass; ``paired``: a batch of the other set is
+    drawn beside each step from its own endless cycle (``engine_cl.py``'s prefetcher);
+    ``extra_remain``: one more remaining batch per step from that cycle; ``evaluate``:
+    mid-task evaluations may fall in this pass; ``phase``: a tag the method's loss reads.
+    """
+
+    lr: float
+    over: str = "remain"
+    paired: bool = True
+    extra_remain: bool = False
+    evaluate: bool = True
+    phase: str = ""
+
+    def __post_init__(self) -> None:
+        if self.over not in EPOCH_OVER:
+            raise ConfigError(f"an epoch runs over one of {list(EPOCH_OVER)}, not {self.over!r}")
 
 
 @dataclass
@@ -62,10 +99,18 @@ def bounded_forget_loss(logits_f: torch.Tensor, yf: torch.Tensor, bnd: float) ->
     return F.relu(bnd - F.cross_entropy(logits_f, yf))
 
 
+#: which point of a task a row reports: the mid-task evaluation with the highest H (the original's
+#: best-H checkpoint) or the model at the end of the task
+REPORT_POINTS = ("best_h", "last")
+
+
 class ForgettingMethod:
     """Base of GS-LoRA and the forgetting baselines."""
 
     name = "forgetting"
+    #: the default plan: every epoch runs over this set (with the other cycled beside it when ``paired``)
+    epoch_over = "remain"
+    paired = True
 
     def __init__(
         self,
@@ -76,10 +121,13 @@ class ForgettingMethod:
         supports: Sequence[str] = ("forgetting",),
         lr: float | None = None,
         optimizer: str = "adamw",
+        weight_decay: float | None = None,
+        schedule: Mapping[str, Any] | None = None,
         bnd: float = 105.0,
         beta: float | Sequence[float] = 0.2,
         eval_margin: bool = True,
-        h_reference: str = "pretrain",
+        h_reference: str = "task_start",
+        report: str = "best_h",
         zero_tol: float = 1e-3,
     ) -> None:
         self.name = name
@@ -90,15 +138,32 @@ class ForgettingMethod:
         if optimizer not in ("adamw", "adam"):
             raise ConfigError(f"method.optimizer={optimizer} is unknown; choose adamw or adam")
         self.optimizer = optimizer
+        self.weight_decay = None if weight_decay is None else float(weight_decay)
+        self.schedule = dict(schedule or {})
+        unknown = set(self.schedule) - set(self.trainer.get("schedule", {}))
+        if unknown:
+            raise ConfigError(
+                f"method.schedule has keys {sorted(unknown)} that trainer.schedule does not; "
+                f"choose among {sorted(self.trainer.get('schedule', {}))}"
+            )
         self.bnd = float(bnd)
         self.beta = beta
         self.eval_margin = bool(eval_margin)
         if h_reference not in ("pretrain", "task_start"):
             raise ConfigError(f"method.h_reference={h_reference} is unknown; choose pretrain or task_start")
         self.h_reference = h_reference
+        if report not in REPORT_POINTS:
+            raise ConfigError(f"method.report={report} is unknown; choose one of {list(REPORT_POINTS)}")
+        self.report = report
         self.zero_tol = float(zero_tol)
+        self.protocol: Any = None  # set by run()
+        self.run_seed = 0
 
     # -- hooks ------------------------------------------------------------------------------
+    def plan(self, lrs: Sequence[float], base_lr: float) -> list[EpochPlan]:
+        """The passes of one task; ``lrs`` = the schedule's LR for each of ``trainer.epochs`` epochs."""
+        return [EpochPlan(lr=float(lr), over=self.epoch_over, paired=self.paired) for lr in lrs]
+
     def begin_task(self, net: nn.Module, data: TaskData) -> nn.Module:
         """Return the module to train this task (``net`` itself, or ``net`` wrapped)."""
         return net
@@ -113,10 +178,22 @@ class ForgettingMethod:
         """Return the plain network to carry to the next task, and per-task statistics."""
         return module, {}
 
+    def end_epoch(self, module: nn.Module, t: int, k: int) -> None:
+        """Called after pass ``k`` of task ``t`` (SCRUB-S updates its averaged model here)."""
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """What the method carries across tasks (EWC terms, SCRUB-S's average), for the task checkpoint."""
+        return {}
+
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_tensors` when a run resumes."""
+
     def params(self) -> dict[str, Any]:
         return {}
 
     def run(self, protocol: Any, ctx: RunContext) -> Report:
         from genattr.methods.forgetting.loop import ForgettingLoop
 
+        # a method that builds models or draws data of its own (Retrain, the importance of EWC/MAS) reads these
+        self.protocol, self.run_seed = protocol, int(ctx.seed)
         return ForgettingLoop(self, protocol, ctx).run()

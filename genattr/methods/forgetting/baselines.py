@@ -1,24 +1,35 @@
 """The forgetting baselines of the GS-LoRA tables, on the same loop and data budget.
 
-All but Retrain are full fine-tunes with the classifier head frozen (the original's
-``--one_stage`` "CL baselines" branch) that forget by **random relabelling** of the
-forgotten images plus replay of the remaining subset (``specs/gslora.md`` 4.6), then add
-their own term: importance-weighted L2 to the task-start weights (L2, EWC, MAS), logit
-distillation (LwF), embedding distillation (DER++), or teacher KL (SCRUB).
+All are full fine-tunes of everything but the classifier head (the original's ``--one_stage``
+"CL baselines" branch of ``train/train_own_forget_cl.py``). L2/EWC/MAS, LwF and DER(++)
+forget by **random relabelling** of the forgotten images (``image_iter.py:CLDatasetWrapper``)
+and add their own term: importance-weighted L2 to every earlier task-start model (L2, EWC,
+MAS), an LwF distillation term, embedding distillation (DER) plus CE on a further remaining
+batch (DER++). SCRUB alternates max-steps on forgotten data and min-steps on remaining data
+against a frozen teacher; Retrain trains a fresh model on the remaining data only.
+
+What one step sees follows the original's loaders: L2/EWC/MAS train on the relabelled forget
+subset and the remaining subset mixed into one shuffled set (``--replay``'s ConcatDataset),
+LwF/DER run their epochs over the forgotten subset with remaining batches cycled beside it
+(``baselines/Lwftrain.py``, ``DERtrain.py``), Retrain over the remaining subset alone, SCRUB
+as :meth:`SCRUB.plan` says (``baselines/SCRUBtrain.py``). Every forward passes the labels,
+so the CosFace margin is in every logit the losses see, as there.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from genattr.methods.forgetting.base import Batch, ForgettingMethod, TaskData
+from genattr.methods.forgetting.base import Batch, EpochPlan, ForgettingMethod, TaskData
 from genattr.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -27,109 +38,207 @@ RELABEL_MODES = ("original", "remaining")
 
 
 class FullFineTune(ForgettingMethod):
-    """Relabel the forgotten images, replay the remaining ones, train all but the head.
+    """Train everything but the head (``train_head``) on relabelled forgotten and remaining images.
 
-    ``relabel: original`` reproduces ``CLDatasetWrapper``: y -> (y + U{1..n}) mod P, i.e.
-    labels in the global ids [0, P) (whatever classes those are), redrawn every step;
-    ``remaining`` draws a random remaining class instead (the evident intent).
+    ``relabel: original`` reproduces ``CLDatasetWrapper``: y -> (y + U{1..n}) mod P, and
+    (y + 1) mod P where that equals y, i.e. labels in the global ids [0, P) (whatever classes
+    those are), redrawn every step; ``remaining`` draws a random remaining class instead (the
+    evident intent).
     """
 
-    def __init__(self, *, relabel: str = "original", **kw: Any) -> None:
+    epoch_over = "union"
+    paired = False
+
+    def __init__(self, *, relabel: str = "original", train_head: bool = False, **kw: Any) -> None:
         super().__init__(**kw)
         if relabel not in RELABEL_MODES:
             raise ConfigError(f"method.relabel={relabel} is unknown; choose one of {list(RELABEL_MODES)}")
         self.relabel_mode = relabel
+        self.train_head = bool(train_head)
         self.remain_ids: torch.Tensor | None = None
         self.n_forget = 1
         self.n_classes = 1
-        self.anchor: dict[str, torch.Tensor] = {}
         self.gen = torch.Generator()
 
     def begin_task(self, net: nn.Module, data: TaskData) -> nn.Module:
         for name, p in net.named_parameters():
-            p.requires_grad_(not name.startswith("head."))
+            p.requires_grad_(self.train_head or not name.startswith("head."))
         self.remain_ids = torch.as_tensor(data.remain_classes, device=data.device)
         self.n_forget, self.n_classes = len(data.forget_classes), data.n_classes
         self.gen.manual_seed(7 + data.index)
-        self.anchor = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
         return net
 
     def relabel(self, yf: torch.Tensor) -> torch.Tensor:
         if self.relabel_mode == "original":
             shift = torch.randint(1, self.n_classes + 1, yf.shape, generator=self.gen).to(yf.device)
-            return (yf + shift) % self.n_forget
+            new = (yf + shift) % self.n_forget
+            return torch.where(new == yf, (yf + 1) % self.n_forget, new)
         assert self.remain_ids is not None
         pick = torch.randint(0, len(self.remain_ids), yf.shape, generator=self.gen).to(yf.device)
         return self.remain_ids[pick]
 
-    def relabel_ce(self, module: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """CE on [relabelled forgotten ; remaining] and the (margin-free) logits / embeddings of both halves."""
+    def relabel_ce(self, module: nn.Module, batch: Batch) -> torch.Tensor:
+        """CE (margin logits) on [relabelled forgotten ; remaining]: one mixed batch of the union."""
         x = torch.cat([batch.xf, batch.xr])
         y = torch.cat([self.relabel(batch.yf), batch.yr])
-        logits, emb = module(x, y)
-        return F.cross_entropy(logits, y), logits, emb
+        logits, _ = module(x, y)
+        return F.cross_entropy(logits, y)
 
-    def regulariser(self, module: nn.Module, batch: Batch, logits: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        return logits.new_zeros(())
+    def regulariser(self, module: nn.Module) -> torch.Tensor:
+        return next(module.parameters()).new_zeros(())
 
     def loss(self, module: nn.Module, batch: Batch, t: int, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
-        ce, logits, emb = self.relabel_ce(module, batch)
-        reg = self.regulariser(module, batch, logits, emb)
+        ce = self.relabel_ce(module, batch)
+        reg = self.regulariser(module)
         total = ce + reg
         return total, {"ce": ce.item(), "reg": reg.item(), "loss": total.item()}
 
-    def end_task(self, module: nn.Module, t: int) -> tuple[nn.Module, dict[str, Any]]:
-        self.anchor = {}
-        return module, {}
+    def params(self) -> dict[str, Any]:
+        return {"relabel": self.relabel_mode, "train_head": self.train_head}
+
+
+IMPORTANCE_DATA = ("original", "budget")
 
 
 class ImportanceL2(FullFineTune):
-    """L2 / EWC / MAS: ``lam * sum imp * (theta - theta*)^2`` with importance from the remaining subset."""
+    """L2 / EWC / MAS: ``lam * sum_k sum imp_k * (theta - theta*_k)^2`` over every task so far.
+
+    Term k is taken when task k starts: ``theta*_k`` = the task-start weights, ``imp_k`` from
+    the remaining data of task k (ones for L2; EWC: squared gradients of the margin CE, each
+    batch weighted by its size over the number of batches; MAS: |gradient| of the mean squared
+    margin logits over the number of batches), in eval mode (``train_own_forget_cl.py``).
+    ``online: true`` keeps only the newest term (the original's ``--online``).
+    ``importance_data: original`` = task 0 a separate ``data_ratio`` draw of the remaining
+    set, later tasks the whole remaining train split (the original's quirk: beyond the data
+    budget); ``budget`` = the task's training subset.
+    """
 
     KINDS = ("l2", "ewc", "mas")
 
-    def __init__(self, *, kind: str, lam: float, **kw: Any) -> None:
+    def __init__(
+        self, *, kind: str, lam: float, online: bool = False, importance_data: str = "original", **kw: Any
+    ) -> None:
         super().__init__(**kw)
         if kind not in self.KINDS:
             raise ConfigError(f"method.kind={kind} is unknown; choose one of {list(self.KINDS)}")
-        self.kind, self.lam = kind, float(lam)
-        self.importance: dict[str, torch.Tensor] = {}
+        if importance_data not in IMPORTANCE_DATA:
+            raise ConfigError(
+                f"method.importance_data={importance_data} is unknown; choose one of {list(IMPORTANCE_DATA)}"
+            )
+        self.kind, self.lam, self.online = kind, float(lam), bool(online)
+        self.importance_data = importance_data
+        # one (anchor, importance) per task; importance None = ones (L2)
+        self.terms: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]] = []
 
-    def begin_task(self, net: nn.Module, data: TaskData) -> nn.Module:
-        net = super().begin_task(net, data)
-        params = {n: p for n, p in net.named_parameters() if p.requires_grad}
-        if self.kind == "l2":
-            self.importance = {n: torch.ones_like(p) for n, p in params.items()}
-            return net
+    def importance_set(self, data: TaskData) -> Dataset:
+        """The images the importance of task ``data.index`` is estimated on (``importance_data``)."""
+        if self.importance_data == "budget":
+            return data.remain
+        if self.protocol is None:
+            raise ConfigError(f"method={self.name} draws its importance data from the run's protocol; call run()")
+        from genattr.data.forgetting import draw_task_subset
+
+        p = self.protocol
+        classes = [c for c in data.remain_classes if c not in set(p.missing)]
+        labels = np.asarray(p.train.labels)
+        if data.index == 0:
+            sc = dict(p.info.get("scenario", {}))
+            rng = np.random.default_rng([int(sc.get("subset_seed", 1337)), 0, 1])
+            idx = draw_task_subset(
+                labels,
+                classes,
+                data_ratio=sc.get("data_ratio"),
+                few_shot=sc.get("few_shot"),
+                ratio_over_split=bool(sc.get("ratio_over_split", True)),
+                rng=rng,
+            )
+        else:
+            idx = np.flatnonzero(np.isin(labels, np.asarray(classes, dtype=np.int64)))
+        return p.train.subset(idx)
+
+    def estimate(self, net: nn.Module, params: dict[str, nn.Parameter], data: TaskData) -> dict[str, torch.Tensor]:
         imp = {n: torch.zeros_like(p) for n, p in params.items()}
-        batches = 0
         was = net.training
         net.eval()
-        for x, y in DataLoader(data.remain, batch_size=data.batch_size):
+        gen = torch.Generator().manual_seed(self.run_seed * 7919 + data.index + 31)
+        images = self.importance_set(data)
+        workers = int(self.trainer.get("num_workers", 0) or 0)
+        loader = DataLoader(images, batch_size=data.batch_size, shuffle=True, generator=gen, num_workers=workers)
+        n_batches = max(len(loader), 1)
+        log.info(
+            "%s: task %d importance from %d remaining images (method.importance_data=%s)",
+            self.kind,
+            data.index,
+            len(images),  # type: ignore[arg-type]
+            self.importance_data,
+        )
+        for x, y in loader:
             x, y = x.to(data.device), y.to(data.device)
             net.zero_grad(set_to_none=True)
-            logits, _ = net(x, y if self.kind == "ewc" else None)
+            logits, _ = net(x, y)
             obj = F.cross_entropy(logits, y) if self.kind == "ewc" else logits.pow(2).mean()
             obj.backward()
             for n, p in params.items():
                 if p.grad is not None:
-                    imp[n] += p.grad.detach().pow(2) if self.kind == "ewc" else p.grad.detach().abs()
-            batches += 1
+                    if self.kind == "ewc":
+                        imp[n] += p.grad.detach().pow(2) * len(x) / n_batches
+                    else:
+                        imp[n] += p.grad.detach().abs() / n_batches
         net.zero_grad(set_to_none=True)
         net.train(was)
-        self.importance = {n: v / max(batches, 1) for n, v in imp.items()}
+        return imp
+
+    def begin_task(self, net: nn.Module, data: TaskData) -> nn.Module:
+        net = super().begin_task(net, data)
+        params = {n: p for n, p in net.named_parameters() if p.requires_grad}
+        anchor = {n: p.detach().clone() for n, p in params.items()}
+        imp = None if self.kind == "l2" else self.estimate(net, params, data)
+        earlier = [] if self.online else [_on(a, data.device) for a in self.terms]  # restored terms are on the CPU
+        self.terms = [*earlier, (anchor, imp)]
+        log.info(
+            "%s: %d regularisation term(s) at task %d (online=%s)", self.kind, len(self.terms), data.index, self.online
+        )
         return net
 
-    def regulariser(self, module: nn.Module, batch: Batch, logits: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        total = logits.new_zeros(())
-        for n, p in module.named_parameters():
-            if n in self.importance:
-                total = total + (self.importance[n] * (p - self.anchor[n]).pow(2)).sum()
+    def regulariser(self, module: nn.Module) -> torch.Tensor:
+        total = next(module.parameters()).new_zeros(())
+        for anchor, imp in self.terms:
+            for n, p in module.named_parameters():
+                if n in anchor and p.requires_grad:
+                    d = (p - anchor[n]).pow(2)
+                    total = total + (d if imp is None else imp[n] * d).sum()
         return self.lam * total
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for k, (anchor, imp) in enumerate(self.terms):
+            out.update({f"term{k}.anchor.{n}": v for n, v in anchor.items()})
+            out.update({f"term{k}.importance.{n}": v for n, v in (imp or {}).items()})
+        return out
+
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        n_terms = 1 + max((int(k.split(".", 1)[0][4:]) for k in tensors), default=-1)
+        self.terms = []
+        for k in range(n_terms):
+            anchor = {key.split(".", 2)[2]: v for key, v in tensors.items() if key.startswith(f"term{k}.anchor.")}
+            imp = {key.split(".", 2)[2]: v for key, v in tensors.items() if key.startswith(f"term{k}.importance.")}
+            self.terms.append((anchor, imp or None))
+
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), "online": self.online, "importance_data": self.importance_data}
+
+
+def _on(
+    term: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None], device: torch.device
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    anchor, imp = term
+    return {n: v.to(device) for n, v in anchor.items()}, None if imp is None else {
+        n: v.to(device) for n, v in imp.items()
+    }
 
 
 class _Teacher(FullFineTune):
-    """A frozen copy of the task-start model."""
+    """A frozen copy of the task-start model (eval mode: no dropout)."""
 
     def begin_task(self, net: nn.Module, data: TaskData) -> nn.Module:
         self.teacher = copy.deepcopy(net).eval()
@@ -143,117 +252,284 @@ class _Teacher(FullFineTune):
 
 
 def kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(teacher || student) at temperature T, scaled by T^2 (Hinton)."""
+    """KL(teacher || student) at temperature T, summed over classes, batch mean, times T^2.
+
+    ``util/sgda_utils.py:DistillKL`` (``kl_div(..., size_average=False) * T**2 / batch``).
+    """
     t = temperature
     return F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t
 
 
-class LwF(_Teacher):
-    """Relabel CE on forgotten + ``lam_remain`` CE and ``lam_kd`` KD (T) on remaining data."""
+def lwf_kd_original(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``baselines/Lwftrain.py:L_old_kd_loss`` re-derived: softmax, power 1/T, log-softmax, then log.
 
-    def __init__(self, *, lam_remain: float = 10.0, lam_kd: float = 0.5, temperature: float = 2.0, **kw: Any) -> None:
+    The last log is taken of a log-probability (<= 0), so every entry is NaN and the
+    NaN-to-0 line zeroes it: the term is 0 with a zero gradient, whatever the logits.
+    """
+    p = F.softmax(student, -1).pow(1.0 / temperature)
+    q = F.softmax(teacher, -1).pow(1.0 / temperature)
+    log_p = torch.log(F.log_softmax(p, -1))
+    log_p = torch.where(torch.isnan(log_p), torch.zeros_like(log_p), log_p)
+    return torch.mean(torch.sum(-F.log_softmax(q, -1) * log_p, dim=1))
+
+
+LWF_KD = ("original", "hinton")
+
+
+class LwF(_Teacher):
+    """CE on relabelled forgotten data + ``lam_remain`` CE + ``lam_kd`` KD to the teacher on remaining data.
+
+    ``kd_loss: original`` is the original's term, identically 0 (:func:`lwf_kd_original`):
+    LwF there trains on the two CE terms only; ``hinton`` = KL at temperature T instead.
+    """
+
+    epoch_over = "forget"
+    paired = True
+
+    def __init__(
+        self,
+        *,
+        lam_remain: float = 10.0,
+        lam_kd: float = 0.5,
+        temperature: float = 2.0,
+        kd_loss: str = "original",
+        **kw: Any,
+    ) -> None:
         super().__init__(**kw)
+        if kd_loss not in LWF_KD:
+            raise ConfigError(f"method.kd_loss={kd_loss} is unknown; choose one of {list(LWF_KD)}")
         self.lam_remain, self.lam_kd, self.temperature = float(lam_remain), float(lam_kd), float(temperature)
+        self.kd_loss = kd_loss
+        if kd_loss == "original":
+            log.warning("LwF: kd_loss=original, the original's distillation term, which is always 0")
 
     def loss(self, module: nn.Module, batch: Batch, t: int, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
         yf = self.relabel(batch.yf)
         logits_f, _ = module(batch.xf, yf)
         logits_r, _ = module(batch.xr, batch.yr)
-        plain_r, _ = module(batch.xr, None)
         with torch.no_grad():
-            teacher_r, _ = self.teacher(batch.xr, None)
+            teacher_r, _ = self.teacher(batch.xr, batch.yr)
         ce_f, ce_r = F.cross_entropy(logits_f, yf), F.cross_entropy(logits_r, batch.yr)
-        distil = kd(plain_r, teacher_r, self.temperature)
-        total = ce_f + self.lam_remain * ce_r + self.lam_kd * distil
+        term = lwf_kd_original if self.kd_loss == "original" else kd
+        distil = term(logits_r, teacher_r, self.temperature)
+        total = ce_f + self.lam_kd * distil + self.lam_remain * ce_r
         return total, {"ce_f": ce_f.item(), "ce_r": ce_r.item(), "kd": distil.item(), "loss": total.item()}
+
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), "kd_loss": self.kd_loss}
 
 
 class DERpp(_Teacher):
-    """DER (``lam``: squared L2 to the teacher's embeddings on remaining data); DER++ adds ``lam_plus`` CE.
-
-    The extra CE of DER++ is on the remaining batch rolled by one sample (the original draws
-    another remaining batch; the rolled batch pairs each logit with another label order).
+    """DER: CE on relabelled forgotten data + ``lam`` * squared distance of the remaining batch's
+    embeddings to the teacher's (summed over the batch, ``DERtrain.py``); DER++ (``lam_plus`` > 0)
+    adds ``lam_plus`` CE on the *next* remaining batch of the cycle. ``lam_plus: 0`` gives DER.
     """
+
+    epoch_over = "forget"
+    paired = True
 
     def __init__(self, *, lam: float = 0.005, lam_plus: float = 0.005, **kw: Any) -> None:
         super().__init__(**kw)
         self.lam, self.lam_plus = float(lam), float(lam_plus)
 
-    def regulariser(self, module: nn.Module, batch: Batch, logits: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        emb_r = emb[len(batch.xf) :]
+    def plan(self, lrs: Sequence[float], base_lr: float) -> list[EpochPlan]:
+        extra = self.lam_plus != 0.0
+        return [EpochPlan(lr=float(lr), over="forget", extra_remain=extra) for lr in lrs]
+
+    def loss(self, module: nn.Module, batch: Batch, t: int, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+        yf = self.relabel(batch.yf)
+        logits_f, _ = module(batch.xf, yf)
+        ce_f = F.cross_entropy(logits_f, yf)
+        _, emb_r = module(batch.xr, batch.yr)
         with torch.no_grad():
-            _, teacher_emb = self.teacher(batch.xr, None)
-        reg = self.lam * (emb_r - teacher_emb).pow(2).sum(1).mean()
-        if self.lam_plus:
-            xr2, yr2 = batch.xr.roll(1, 0), batch.yr.roll(1, 0)
-            logits2, _ = module(xr2, yr2)
-            reg = reg + self.lam_plus * F.cross_entropy(logits2, yr2)
-        return reg
+            _, teacher_emb = self.teacher(batch.xr, batch.yr)
+        der = (emb_r - teacher_emb).pow(2).sum()
+        total = ce_f + self.lam * der
+        parts = {"ce_f": ce_f.item(), "der": der.item()}
+        if batch.extra is not None:
+            x2, y2 = batch.extra
+            logits2, _ = module(x2, y2)
+            ce_next = F.cross_entropy(logits2, y2)
+            total = total + self.lam_plus * ce_next
+            parts["ce_next"] = ce_next.item()
+        return total, {**parts, "loss": total.item()}
 
 
 class SCRUB(_Teacher):
-    """SCRUB: max-step ``-KL(teacher || student)`` on forgotten data for the first ``msteps`` epochs,
-    min-step ``gamma * CE + alpha_kl * KL`` on remaining data; ``smoothing`` > 0 adds SCRUB-S's
-    parameter-distance term. Both steps are summed into one update here (the original alternates
-    two optimiser steps).
+    """SCRUB (``baselines/SCRUBtrain.py``): max-steps ``-KL`` to the teacher on forgotten data,
+    min-steps ``gamma * CE + alpha_kl * KL`` on remaining data, alternating in super-epochs.
+
+    Each super-epoch has ``super_epoch`` remaining passes; the first ``msteps`` are each
+    preceded by a pass of max-steps over the forgotten subset. ``trainer.epochs`` counts the
+    remaining passes (100 = the original's 10 super-epochs of 10). Mid-task evaluations fall
+    only in the passes without max-steps, as there. The LR is constant (Adam, no epoch
+    scheduler) except the SGDA step decay: ``lr * lr_decay_rate`` once the original's epoch
+    counter ``super * (msteps + super_epoch) + i`` exceeds ``lr_decay_epoch`` (100: from the
+    8th super-epoch on). ``smoothing`` > 0 = SCRUB-S: ``smoothing * sum ||theta - theta_avg||_F``
+    to an average of the model updated after every super-epoch (the first update copies the
+    model, then ``(1 - swa_beta) avg + swa_beta theta``), kept across tasks.
     """
+
+    epoch_over = "remain"  # and "forget" in its max-step passes (see plan)
+    paired = False
 
     def __init__(
         self,
         *,
-        gamma: float = 1.0,
-        alpha_kl: float = 1.0,
-        msteps: int = 3,
-        temperature: float = 4.0,
+        gamma: float = 0.99,
+        alpha_kl: float = 0.001,
+        msteps: int = 5,
+        super_epoch: int = 10,
+        temperature: float = 2.0,
         smoothing: float = 0.0,
+        swa_beta: float = 0.1,
+        lr_decay_epoch: int = 100,
+        lr_decay_rate: float = 0.1,
         **kw: Any,
     ) -> None:
         super().__init__(**kw)
-        self.gamma, self.alpha_kl, self.msteps = float(gamma), float(alpha_kl), int(msteps)
-        self.temperature, self.smoothing = float(temperature), float(smoothing)
+        self.gamma, self.alpha_kl = float(gamma), float(alpha_kl)
+        self.msteps, self.super_epoch = int(msteps), int(super_epoch)
+        if not 0 <= self.msteps <= self.super_epoch or self.super_epoch < 1:
+            raise ConfigError(f"method.msteps={msteps} must be in [0, method.super_epoch={super_epoch}]")
+        self.temperature, self.smoothing, self.swa_beta = float(temperature), float(smoothing), float(swa_beta)
+        self.lr_decay_epoch, self.lr_decay_rate = int(lr_decay_epoch), float(lr_decay_rate)
+        self.swa: dict[str, torch.Tensor] | None = None
+        self.n_averaged = 0
+        self.super_ends: set[int] = set()
+
+    def lr_at(self, base_lr: float, remain_pass: int) -> float:
+        """``util/sgda_utils.py:adjust_learning_rate`` at the original's epoch counter."""
+        s, i = divmod(remain_pass, self.super_epoch)
+        counter = s * (self.msteps + self.super_epoch) + i
+        return base_lr * self.lr_decay_rate ** int(counter > self.lr_decay_epoch)
+
+    def plan(self, lrs: Sequence[float], base_lr: float) -> list[EpochPlan]:
+        out: list[EpochPlan] = []
+        self.super_ends = set()
+        for e in range(len(lrs)):
+            lr = self.lr_at(base_lr, e)
+            i = e % self.super_epoch
+            if i < self.msteps:
+                out.append(EpochPlan(lr=lr, over="forget", paired=False, evaluate=False, phase="max"))
+                out.append(EpochPlan(lr=lr, over="remain", paired=False, evaluate=False, phase="min"))
+            else:
+                out.append(EpochPlan(lr=lr, over="remain", paired=False, evaluate=True, phase="min"))
+            if i == self.super_epoch - 1 or e == len(lrs) - 1:
+                self.super_ends.add(len(out) - 1)
+        return out
+
+    def begin_task(self, net: nn.Module, data: TaskData) -> nn.Module:
+        net = super().begin_task(net, data)
+        if self.smoothing and self.swa is None:  # AveragedModel(BACKBONE) before the first task
+            self.swa = {n: p.detach().clone() for n, p in net.named_parameters()}
+        elif self.swa is not None:
+            self.swa = {n: v.to(data.device) for n, v in self.swa.items()}
+        return net
+
+    def smooth(self, module: nn.Module) -> torch.Tensor:
+        if not self.smoothing or self.swa is None:
+            return next(module.parameters()).new_zeros(())
+        dist = sum(torch.linalg.vector_norm(p - self.swa[n]) for n, p in module.named_parameters())
+        return self.smoothing * dist
 
     def loss(self, module: nn.Module, batch: Batch, t: int, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+        if batch.phase == "max":
+            logits_f, _ = module(batch.xf, batch.yf)
+            with torch.no_grad():
+                teacher_f, _ = self.teacher(batch.xf, batch.yf)
+            kl_f = kd(logits_f, teacher_f, self.temperature)
+            total = -kl_f + self.smooth(module)
+            return total, {"kl_f": kl_f.item(), "loss_max": total.item()}
         logits_r, _ = module(batch.xr, batch.yr)
-        plain_r, _ = module(batch.xr, None)
         with torch.no_grad():
-            teacher_r, _ = self.teacher(batch.xr, None)
-            teacher_f, _ = self.teacher(batch.xf, None)
+            teacher_r, _ = self.teacher(batch.xr, batch.yr)
         ce = F.cross_entropy(logits_r, batch.yr)
-        total = self.gamma * ce + self.alpha_kl * kd(plain_r, teacher_r, self.temperature)
-        max_term = logits_r.new_zeros(())
-        if epoch < self.msteps:
-            plain_f, _ = module(batch.xf, None)
-            max_term = kd(plain_f, teacher_f, self.temperature)
-            total = total - max_term
-        if self.smoothing:
-            dist = sum((p - self.anchor[n]).pow(2).sum() for n, p in module.named_parameters() if n in self.anchor)
-            total = total + self.smoothing * dist
-        return total, {"ce_r": ce.item(), "kl_f": max_term.item(), "loss": total.item()}
+        kl_r = kd(logits_r, teacher_r, self.temperature)
+        total = self.gamma * ce + self.alpha_kl * kl_r + self.smooth(module)
+        return total, {"ce_r": ce.item(), "kl_r": kl_r.item(), "loss": total.item()}
+
+    @torch.no_grad()
+    def end_epoch(self, module: nn.Module, t: int, k: int) -> None:
+        if self.swa is None or k not in self.super_ends:
+            return
+        for n, p in module.named_parameters():
+            if self.n_averaged == 0:
+                self.swa[n].copy_(p)
+            else:
+                self.swa[n].mul_(1.0 - self.swa_beta).add_(p, alpha=self.swa_beta)
+        self.n_averaged += 1
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        if self.swa is None:
+            return {}
+        return {**{f"swa.{n}": v for n, v in self.swa.items()}, "n_averaged": torch.tensor(self.n_averaged)}
+
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        if "n_averaged" in tensors:
+            self.n_averaged = int(tensors["n_averaged"])
+            self.swa = {k.removeprefix("swa."): v for k, v in tensors.items() if k.startswith("swa.")}
 
 
-def reinitialise(net: nn.Module, seed: int) -> nn.Module:
-    """A freshly initialised copy of ``net`` (same architecture, new random weights)."""
-    torch.manual_seed(seed)
-    fresh = copy.deepcopy(net)
-    for m in fresh.modules():
-        if m is not fresh and hasattr(m, "reset_parameters"):
-            m.reset_parameters()
-    for name, p in fresh.named_parameters():
-        if name.endswith(("pos_embed", "cls_token")):
-            nn.init.trunc_normal_(p, std=0.02)
-        elif name == "head.weight" and p.ndim == 2:
-            nn.init.xavier_uniform_(p)
-    return fresh
+RETRAIN_INITS = ("auto", "scratch", "reset_ffn")
 
 
 class Retrain(FullFineTune):
-    """Retrain from scratch on the remaining subset only (CE), head frozen at its fresh init."""
+    """Train a fresh model on the remaining subset only (CE), every task; the head trains too.
+
+    ``init: scratch`` = the model option's own random init (the original's face Retrain, a new
+    ``ViT_face``); ``reset_ffn`` = the pre-trained network with every ``mlp.fc1/fc2`` re-drawn
+    (the original's ImageNet Retrain: a new ``vit_b_16(IMAGENET1K_V1)`` whose FFN Linears
+    ``replace_ffn_with_lora`` has swapped for fresh ones, the ``-r`` file not loaded);
+    ``auto`` = ``reset_ffn`` for the ImageNet ViT (``build_imagenet_vit``), else ``scratch``.
+    """
+
+    epoch_over = "remain"
+    paired = False
+
+    def __init__(self, *, init: str = "auto", **kw: Any) -> None:
+        super().__init__(**kw)
+        if init not in RETRAIN_INITS:
+            raise ConfigError(f"method.init={init} is unknown; choose one of {list(RETRAIN_INITS)}")
+        self.init = init
+        self._pretrained: dict[str, torch.Tensor] | None = None
+
+    def resolved_init(self) -> str:
+        if self.init != "auto":
+            return self.init
+        return "reset_ffn" if str(self.model_cfg.get("_target_", "")).endswith("build_imagenet_vit") else "scratch"
+
+    def fresh(self, net: nn.Module, data: TaskData) -> nn.Module:
+        from genattr.methods.forgetting.loop import initial_net
+        from genattr.methods.forgetting.lora import ffn_targets
+        from genattr.methods.forgetting.pretrain import build_net, effective_model_cfg
+
+        mode = self.resolved_init()
+        if self.protocol is None:
+            raise ConfigError("method=retrain builds its fresh model from the run's protocol; call run()")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1_000 * (self.run_seed + 1) + data.index)
+            if mode == "scratch":
+                fresh = build_net(effective_model_cfg(self.model_cfg, self.protocol), self.protocol, weights=False)
+            else:
+                if self._pretrained is None:
+                    src = initial_net(self.model_cfg, self.protocol, torch.device("cpu"))
+                    self._pretrained = {k: v.detach().cpu().clone() for k, v in src.state_dict().items()}
+                fresh = copy.deepcopy(net).cpu()
+                fresh.load_state_dict(self._pretrained)
+                layers = dict(fresh.named_modules())
+                for name in ffn_targets(fresh):
+                    layers[name].reset_parameters()
+        log.info("retrain: task %d starts from a fresh model (init=%s)", data.index, mode)
+        return fresh.to(data.device)
 
     def begin_task(self, net: nn.Module, data: TaskData) -> nn.Module:
-        fresh = reinitialise(net, seed=1_000 + data.index)
-        return super().begin_task(fresh, data)
+        return super().begin_task(self.fresh(net, data), data)
 
     def loss(self, module: nn.Module, batch: Batch, t: int, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
         logits, _ = module(batch.xr, batch.yr)
         ce = F.cross_entropy(logits, batch.yr)
         return ce, {"ce_r": ce.item(), "loss": ce.item()}
+
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), "init": self.resolved_init()}

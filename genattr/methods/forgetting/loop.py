@@ -5,13 +5,20 @@ paired batches (an epoch runs over the remaining subset; the forgotten subset is
 beside it, as ``engine_cl.py``), let the method finish the task (merge), evaluate, log,
 checkpoint. The checkpoint holds the merged network, the per-task table and the RNG
 state, so a resumed run continues at the next task with the same results.
+
+As the original (``engine_cl.py:train_one_epoch`` / ``evaluate``), the test split is also
+evaluated every ``trainer.eval_every`` optimiser steps of a task, and the point with the
+highest H-mean is what a row reports by default (``method.report: best_h``; the carried
+model is still the last one, and Acc_o is measured on it after the task, as there).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +26,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
 
 from genattr.data.forgetting import ForgettingProtocol
 from genattr.engine.schedule import epoch_lr, set_lr
 from genattr.methods.base import Report, RunContext
-from genattr.methods.forgetting.base import Batch, ForgettingMethod, TaskData
+from genattr.methods.forgetting.base import Batch, EpochPlan, ForgettingMethod, TaskData
 from genattr.methods.forgetting.pretrain import (
     build_net,
     decode_all,
@@ -50,19 +57,84 @@ def param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> 
     ]
 
 
-class _Split:
-    """Selects the images of a class set, from disk or from tensors decoded once (``trainer.preload``)."""
+def effective_schedule(trainer_schedule: Mapping[str, Any], method_schedule: Mapping[str, Any]) -> dict[str, Any]:
+    """``trainer.schedule`` with the method's own keys on top (``method.schedule``: Retrain's warm-up)."""
+    return {**dict(trainer_schedule), **dict(method_schedule)}
 
-    def __init__(self, ds: Any, preload: bool) -> None:
+
+def epoch_lrs(schedule: dict[str, Any], base_lr: float, epochs: int) -> list[float]:
+    """The LR of every epoch of a task (the schedule is re-created per task, as the original).
+
+    ``step_after_epoch: false`` is GS-LoRA's ``lr_scheduler.step(epoch)`` *before* each epoch
+    (epoch e trains at lr(e)); ``true`` is the LoRAX/DyTox position (after the epoch).
+    """
+    return [
+        epoch_lr(
+            epoch,
+            base_lr=base_lr,
+            epochs=epochs,
+            warmup_epochs=int(schedule["warmup_epochs"]),
+            warmup_lr=float(schedule["warmup_lr"]),
+            min_lr=float(schedule["min_lr"]),
+            step_after_epoch=bool(schedule["step_after_epoch"]),
+        )
+        for epoch in range(epochs)
+    ]
+
+
+def initial_net(model_cfg: dict[str, Any], protocol: ForgettingProtocol, device: torch.device) -> nn.Module:
+    """The pre-trained network every forgetting run starts from (``model.weights`` / ``pretrained`` / twin)."""
+    cfg = effective_model_cfg(model_cfg, protocol)
+    has_weights = cfg.get("weights") is not None or bool(cfg.get("pretrained", False))
+    if has_weights:
+        net = build_net(cfg, protocol).to(device)
+        if protocol.source == "real":
+            from genattr.models.imagenet_vit import check_preprocess
+
+            check_preprocess(net, protocol.info)
+        return net
+    if protocol.source == "twin" and (cfg.get("twin_pretrain") or {}).get("enabled", False):
+        return twin_backbone(cfg, protocol, device)
+    raise ConfigError(
+        "forgetting starts from a pre-trained backbone: set model.weights=<file> (make one with "
+        "method=pretrain) or, for the ImageNet ViT, model.pretrained=true"
+    )
+
+
+class _Tagged(Dataset):
+    """``(x, y, is_forget)``: the two subsets mixed into one set keep track of which is which."""
+
+    def __init__(self, ds: Dataset, forget: bool) -> None:
+        self.ds, self.forget = ds, forget
+
+    def __len__(self) -> int:
+        return len(self.ds)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        x, y = self.ds[i]
+        return x, y, self.forget
+
+
+class _Split:
+    """Selects images by index, from disk or from tensors decoded once (``trainer.preload``).
+
+    With preload only ``keep`` (the budget of every task) is decoded.
+    """
+
+    def __init__(self, ds: Any, preload: bool, keep: np.ndarray | None = None) -> None:
         self.ds = ds
         self.labels = np.asarray(ds.labels)
-        self.tensors = decode_all(ds).tensors if preload else None
+        self.tensors = None
+        self.pos: dict[int, int] = {}
+        if preload:
+            keep = np.arange(len(ds)) if keep is None else np.asarray(keep)
+            self.tensors = decode_all(ds.subset(keep)).tensors
+            self.pos = {int(i): k for k, i in enumerate(keep)}
 
-    def select(self, classes: tuple[int, ...] | list[int]) -> Dataset:
-        idx = np.flatnonzero(np.isin(self.labels, np.asarray(classes, dtype=np.int64)))
+    def take(self, idx: np.ndarray) -> Dataset:
         if self.tensors is None:
             return self.ds.subset(idx)
-        t = torch.as_tensor(idx)
+        t = torch.as_tensor([self.pos[int(i)] for i in idx], dtype=torch.long)
         return TensorDataset(self.tensors[0][t], self.tensors[1][t])
 
     def all(self) -> Dataset:
@@ -77,24 +149,41 @@ class ForgettingLoop:
         self.acc = ctx.accelerator
         self.tr = method.trainer
         preload = bool(self.tr.get("preload", False))
-        self.train = _Split(protocol.train.subset(protocol.train_subset), preload)
+        self.train = _Split(protocol.train, preload, keep=protocol.train_subset)
         self.test = _Split(protocol.test, preload)
+        self.eval_every = int(self.tr["eval_every"])
+        # a method's own schedule keys (method.schedule, e.g. Retrain's warm-up) win over trainer.schedule
+        self.schedule = effective_schedule(self.tr["schedule"], method.schedule)
+        for key, value in method.schedule.items():
+            if self.tr["schedule"].get(key) != value:
+                log.warning(
+                    "method=%s: method.schedule.%s=%s overrides trainer.schedule.%s=%s",
+                    method.name,
+                    key,
+                    value,
+                    key,
+                    self.tr["schedule"].get(key),
+                )
+        log.info(
+            "forgetting loop: LR schedule stepped %s each epoch (trainer.schedule.step_after_epoch=%s), "
+            "test split evaluated every %d steps, rows report %s (method.report), H-mean drop from %s "
+            "(method.h_reference); method=%s runs its epochs over the %s set%s",
+            "after" if bool(self.schedule["step_after_epoch"]) else "before",
+            bool(self.schedule["step_after_epoch"]),
+            self.eval_every,
+            method.report,
+            method.h_reference,
+            method.name,
+            method.epoch_over,
+            " (the other subset cycled beside it)" if method.paired and method.epoch_over != "union" else "",
+        )
         self.rows: list[dict[str, Any]] = []
         self.pre_correct: np.ndarray | None = None
         self.pre_total: np.ndarray | None = None
 
     # -- network ------------------------------------------------------------------------------
     def _initial_net(self) -> nn.Module:
-        cfg = effective_model_cfg(self.method.model_cfg, self.protocol)
-        has_weights = cfg.get("weights") is not None or bool(cfg.get("pretrained", False))
-        if has_weights:
-            return build_net(cfg, self.protocol).to(self.acc.device)
-        if self.protocol.source == "twin" and (cfg.get("twin_pretrain") or {}).get("enabled", False):
-            return twin_backbone(cfg, self.protocol, self.acc.device)
-        raise ConfigError(
-            "forgetting starts from a pre-trained backbone: set model.weights=<file> (make one with "
-            "method=pretrain) or, for the ImageNet ViT, model.pretrained=true"
-        )
+        return initial_net(self.method.model_cfg, self.protocol, self.acc.device)
 
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -104,7 +193,13 @@ class ForgettingLoop:
         correct, total = np.zeros(n), np.zeros(n)
         was = net.training
         net.eval()
-        loader = DataLoader(self.test.all(), batch_size=int(self.tr.get("eval_batch_size", 256)), shuffle=False)
+        # its own generator: evaluating mid-task must not move the global RNG that training draws from
+        loader = DataLoader(
+            self.test.all(),
+            batch_size=int(self.tr.get("eval_batch_size", 256)),
+            shuffle=False,
+            generator=torch.Generator(),
+        )
         for x, y in loader:
             x, y = x.to(self.acc.device), y.to(self.acc.device)
             logits, _ = net(x, y if self.method.eval_margin else None)
@@ -123,7 +218,7 @@ class ForgettingLoop:
             ds,
             batch_size=bs,
             shuffle=True,
-            drop_last=len(ds) > bs,
+            drop_last=bool(self.tr["drop_last"]) and len(ds) > bs,
             num_workers=int(self.tr.get("num_workers", 0)),
             generator=gen,
         )
@@ -134,59 +229,97 @@ class ForgettingLoop:
             yield from self._loader(ds, seed + 1000 * k)
             k += 1
 
-    def train_task(self, module: nn.Module, t: int, remain: Dataset, forget: Dataset) -> dict[str, float]:
+    def _batches(
+        self,
+        entry: EpochPlan,
+        remain: Dataset,
+        forget: Dataset,
+        cycles: dict[str, Iterator[tuple[torch.Tensor, torch.Tensor]]],
+        seed: int,
+    ) -> Iterator[Batch]:
+        """The steps of one pass, on the CPU (see :class:`EpochPlan`)."""
+        if entry.over == "union":
+            for x, y, is_f in self._loader(ConcatDataset([_Tagged(forget, True), _Tagged(remain, False)]), seed):
+                f = torch.as_tensor(is_f, dtype=torch.bool)
+                yield Batch(x[~f], y[~f], x[f], y[f], phase=entry.phase)
+            return
+        main, other = (remain, "forget") if entry.over == "remain" else (forget, "remain")
+        for x, y in self._loader(main, seed):
+            xo, yo = next(cycles[other]) if entry.paired else (x[:0], y[:0])
+            extra = next(cycles["remain"]) if entry.extra_remain else None
+            if entry.over == "remain":
+                yield Batch(x, y, xo, yo, extra, entry.phase)
+            else:
+                yield Batch(xo, yo, x, y, extra, entry.phase)
+
+    def _to_device(self, b: Batch) -> Batch:
+        dev = self.acc.device
+        extra = None if b.extra is None else (b.extra[0].to(dev), b.extra[1].to(dev))
+        return Batch(b.xr.to(dev), b.yr.to(dev), b.xf.to(dev), b.yf.to(dev), extra, b.phase)
+
+    def optimizer(self, named: list[tuple[str, nn.Parameter]], base: float) -> torch.optim.Optimizer:
+        """AdamW with timm's decay rule (the GS-LoRA recipe), or plain Adam (SCRUB: L2 on every parameter)."""
+        method, opt_cfg = self.method, self.tr["optimizer"]
+        wd = method.weight_decay if method.weight_decay is not None else float(opt_cfg.get("weight_decay", 0.05))
+        if method.optimizer == "adam":
+            return torch.optim.Adam([p for _, p in named], lr=base, weight_decay=wd)
+        betas = tuple(opt_cfg.get("betas", (0.9, 0.999)))
+        return torch.optim.AdamW(param_groups(named, wd), lr=base, betas=betas)
+
+    def train_task(
+        self, module: nn.Module, t: int, remain: Dataset, forget: Dataset, tracker: _BestH | None = None
+    ) -> dict[str, float]:
         method, tr = self.method, self.tr
-        opt_cfg, sch = tr["optimizer"], tr["schedule"]
         named = method.trainable(module)
         if not named:
             raise ConfigError(f"method={method.name} left no trainable parameter")
-        base = method.lr if method.lr is not None else float(opt_cfg["lr"])
-        groups = param_groups(named, float(opt_cfg.get("weight_decay", 0.05)))
-        if method.optimizer == "adam":
-            opt: torch.optim.Optimizer = torch.optim.Adam([p for _, p in named], lr=base)
-        else:
-            opt = torch.optim.AdamW(groups, lr=base, betas=tuple(opt_cfg.get("betas", (0.9, 0.999))))
+        base = method.lr if method.lr is not None else float(tr["optimizer"]["lr"])
+        opt = self.optimizer(named, base)
         epochs = int(tr["epochs"])
+        plan = method.plan(epoch_lrs(self.schedule, base, epochs), base)
+        kinds = Counter(f"{e.over}{'+' + e.phase if e.phase else ''}" for e in plan)
+        log.info("task %d: %d passes %s, LR %.3g -> %.3g", t, len(plan), dict(kinds), plan[0].lr, plan[-1].lr)
         seed = self.ctx.seed * 7919 + t
-        forget_iter = self._cycle(forget, seed + 17)
-        dev = self.acc.device
+        # the other subset is cycled beside the pass (engine_cl.py's prefetcher restarts its loader)
+        cycles = {"forget": self._cycle(forget, seed + 17), "remain": self._cycle(remain, seed + 23)}
         parts_sum: dict[str, float] = {}
         steps = 0
-        for epoch in range(epochs):
-            lr = epoch_lr(
-                epoch,
-                base_lr=base,
-                epochs=epochs,
-                warmup_epochs=int(sch.get("warmup_epochs", 0)),
-                warmup_lr=float(sch.get("warmup_lr", 1e-6)),
-                min_lr=float(sch.get("min_lr", 1e-5)),
-                step_after_epoch=bool(sch.get("step_after_epoch", True)),
-            )
-            set_lr(opt, lr)
+        iteration = 0  # optimiser steps in this task (the original's ``batch``)
+        for k, entry in enumerate(plan):
+            set_lr(opt, entry.lr)
             module.train()
             parts_sum, steps = {}, 0
-            for xr, yr in self._loader(remain, seed + epoch):
-                xf, yf = next(forget_iter)
-                batch = Batch(xr.to(dev), yr.to(dev), xf.to(dev), yf.to(dev))
-                loss, parts = method.loss(module, batch, t, epoch)
+            for batch in self._batches(entry, remain, forget, cycles, seed + k):
+                loss, parts = method.loss(module, self._to_device(batch), t, k)
                 opt.zero_grad(set_to_none=True)
                 self.acc.backward(loss)
                 opt.step()
-                for k, v in parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + v
+                for key, v in parts.items():
+                    parts_sum[key] = parts_sum.get(key, 0.0) + v
                 steps += 1
-            means = {f"train/{k}": v / max(steps, 1) for k, v in parts_sum.items()}
-            self.ctx.tracker.log_metrics({**means, "train/lr": lr}, step=t * epochs + epoch)
-            log.debug("task %d epoch %d/%d: %s", t, epoch + 1, epochs, means)
-        return {k: v / max(steps, 1) for k, v in parts_sum.items()}
+                # the original's check after each step: (batch + 1) % VER_FREQ == 0 and batch != 0
+                due = self.eval_every and (iteration + 1) % self.eval_every == 0 and iteration
+                if tracker is not None and entry.evaluate and due:
+                    tracker.offer(self.evaluate(module), iteration + 1, k + 1)
+                    module.train()
+                iteration += 1
+            method.end_epoch(module, t, k)
+            means = {f"train/{key}": v / max(steps, 1) for key, v in parts_sum.items()}
+            self.ctx.tracker.log_metrics({**means, "train/lr": entry.lr}, step=t * len(plan) + k)
+            log.debug("task %d pass %d/%d (%s): %s", t, k + 1, len(plan), entry.over, means)
+        return {key: v / max(steps, 1) for key, v in parts_sum.items()}
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _save(self, net: nn.Module, t: int) -> None:
         meta, tensors = rng_state()
 
+        carried = {k: v.detach().cpu().contiguous() for k, v in self.method.state_tensors().items()}
+
         def write(folder: Path) -> None:
             save_file(state_dict_cpu(net), str(folder / "model.safetensors"))
             save_file(tensors, str(folder / "rng.safetensors"))
+            if carried:  # what the method carries across tasks (EWC/MAS/L2 terms, SCRUB-S's average)
+                save_file(carried, str(folder / "method.safetensors"))
 
         state = {
             "task": t,
@@ -208,6 +341,8 @@ class ForgettingLoop:
             return 0
         folder, state = found
         net.load_state_dict(load_file(str(folder / "model.safetensors")))
+        if (folder / "method.safetensors").is_file():
+            self.method.load_state_tensors(load_file(str(folder / "method.safetensors")))
         self.rows = list(state["rows"])
         self.pre_correct = np.asarray(state["pretrain_correct"])
         self.pre_total = np.asarray(state["pretrain_total"])
@@ -229,7 +364,8 @@ class ForgettingLoop:
             task = protocol.tasks[t]
             ts = time.perf_counter()
             c0, n0 = self.evaluate(net)
-            remain, forget = self.train.select(task.remain), self.train.select(task.forget)
+            remain_idx, forget_idx = protocol.task_subset(t)
+            remain, forget = self.train.take(remain_idx), self.train.take(forget_idx)
             if len(forget) == 0 or len(remain) == 0:
                 raise ConfigError(f"task {task.name} has no training image to forget or to keep; raise the data budget")
             data = TaskData(
@@ -245,10 +381,11 @@ class ForgettingLoop:
             )
             module = method.begin_task(net, data)
             trainable = sum(p.numel() for _, p in method.trainable(module))
-            train_parts = self.train_task(module, t, remain, forget)
+            tracker = _BestH(self, t, (c0, n0))
+            train_parts = self.train_task(module, t, remain, forget, tracker)
             net, stats = method.end_task(module, t)
             c1, n1 = self.evaluate(net)
-            row = self._row(t, (c0, n0), (c1, n1), stats, train_parts, trainable, total_params)
+            row = self._row(t, (c0, n0), (c1, n1), stats, train_parts, trainable, total_params, tracker)
             row["seconds"] = time.perf_counter() - ts
             self.rows.append(row)
             self.ctx.tracker.log_metrics(
@@ -274,6 +411,11 @@ class ForgettingLoop:
         self.net = net
         return self._report(completed=True, seconds=time.perf_counter() - t0)
 
+    def h_reference_acc(self, t: int, before: tuple[np.ndarray, np.ndarray]) -> float:
+        """Acc_f the drop is measured from: task start (the original's ``forget_acc_before``) or pre-trained."""
+        counts = (self.pre_correct, self.pre_total) if self.method.h_reference == "pretrain" else before
+        return pooled_accuracy(*counts, self.protocol.tasks[t].forget)
+
     def _row(
         self,
         t: int,
@@ -283,30 +425,59 @@ class ForgettingLoop:
         train_parts: dict[str, float],
         trainable: int,
         total: int,
+        tracker: _BestH | None = None,
     ) -> dict[str, Any]:
         task = self.protocol.tasks[t]
         missing = self.protocol.missing
         pre = (self.pre_correct, self.pre_total)
-        acc = {
+        ref = self.h_reference_acc(t, before)
+        last = {
             "acc_f": pooled_accuracy(*after, task.forget),
             "acc_r": pooled_accuracy(*after, task.remain),
-            "acc_o": pooled_accuracy(*after, task.old),
+        }
+        if missing:
+            last["acc_m"] = pooled_accuracy(*after, missing)
+        last["h"] = h_mean(last["acc_r"], ref, last["acc_f"])
+        best = tracker.best if tracker is not None else None
+        reported = "best_h" if self.method.report == "best_h" and best is not None else "last"
+        if self.method.report == "best_h" and best is None:
+            log.warning(
+                "task %d: no mid-task evaluation beat H = 0 (trainer.eval_every=%d steps); reporting the last model",
+                t,
+                self.eval_every,
+            )
+        shown = last
+        if reported == "best_h":
+            assert best is not None
+            shown = {
+                "acc_f": pooled_accuracy(*best.counts, task.forget),
+                "acc_r": pooled_accuracy(*best.counts, task.remain),
+            }
+            if missing:
+                shown["acc_m"] = pooled_accuracy(*best.counts, missing)
+            shown["h"] = best.h
+        acc = {
+            **{k: v for k, v in shown.items() if k != "h"},
+            "acc_o": pooled_accuracy(*after, task.old),  # the carried (last) model, as the original
             "acc_f_start": pooled_accuracy(*before, task.forget),
             "acc_r_start": pooled_accuracy(*before, task.remain),
             "acc_f_pretrain": pooled_accuracy(*pre, task.forget),
             "acc_r_pretrain": pooled_accuracy(*pre, task.remain),
+            **{f"{k}_last": v for k, v in last.items()},
         }
         if missing:
-            acc["acc_m"] = pooled_accuracy(*after, missing)
             acc["acc_m_pretrain"] = pooled_accuracy(*pre, missing)
-        ref = acc["acc_f_pretrain"] if self.method.h_reference == "pretrain" else acc["acc_f_start"]
         row: dict[str, Any] = {
             "task": t,
             "name": task.name,
             "forget": list(task.forget),
             **acc,
             "drop": ref - acc["acc_f"],
-            "h": h_mean(acc["acc_r"], ref, acc["acc_f"]),
+            "h": shown["h"],
+            "reported": reported,
+            "best_h_step": best.step if best is not None else None,
+            "best_h_epoch": best.epoch if best is not None else None,
+            "n_mid_task_evals": tracker.n_evals if tracker is not None else 0,
             "trainable_params": int(trainable),
             "trainable_share": trainable / max(total, 1),
             **{f"loss_{k}": v for k, v in train_parts.items()},
@@ -334,6 +505,12 @@ class ForgettingLoop:
             "missing": list(p.missing),
             "eval_margin": self.method.eval_margin,
             "h_reference": self.method.h_reference,
+            # which point of each task the rows' acc_f / acc_r / h come from (acc_*_last: the end of the task)
+            "reported": self.method.report,
+            "eval_every": self.eval_every,
+            "step_after_epoch": bool(self.schedule["step_after_epoch"]),
+            "schedule": dict(self.schedule),
+            "epoch_over": self.method.epoch_over,
             "train_seconds_this_process": seconds,
             **self.method.params(),
         }
@@ -362,6 +539,42 @@ class ForgettingLoop:
         if "group_norms" in res["tasks"][0]:
             out.append(plot_group_norms(res["tasks"], folder / "group_norms.png", title))
         return out
+
+
+@dataclass
+class _Best:
+    """One mid-task evaluation: per-class counts, its H, and when it happened (1-based step/epoch)."""
+
+    counts: tuple[np.ndarray, np.ndarray]
+    h: float
+    step: int
+    epoch: int
+
+
+class _BestH:
+    """Keeps the mid-task evaluation with the highest H (strictly above the best so far, from 0).
+
+    ``engine_cl.py:evaluate`` saves a checkpoint whenever H beats ``highest_H_mean``, which
+    starts at 0 every task; the drop there is from ``forget_acc_before`` (the task start).
+    """
+
+    def __init__(self, loop: ForgettingLoop, t: int, before: tuple[np.ndarray, np.ndarray]) -> None:
+        self.loop, self.t = loop, t
+        self.forget = loop.protocol.tasks[t].forget
+        self.remain = loop.protocol.tasks[t].remain
+        self.ref = loop.h_reference_acc(t, before)
+        self.best: _Best | None = None
+        self.n_evals = 0
+
+    def offer(self, counts: tuple[np.ndarray, np.ndarray], step: int, epoch: int) -> None:
+        self.n_evals += 1
+        acc_f, acc_r = pooled_accuracy(*counts, self.forget), pooled_accuracy(*counts, self.remain)
+        h = h_mean(acc_r, self.ref, acc_f)
+        self.loop.ctx.tracker.log_metrics(
+            {f"eval/task{self.t}_acc_f": acc_f, f"eval/task{self.t}_acc_r": acc_r, f"eval/task{self.t}_h": h}, step=step
+        )
+        if h > (self.best.h if self.best is not None else 0.0):
+            self.best = _Best(counts, h, step, epoch)
 
 
 def _finite(row: dict[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from genattr.engine.schedule import epoch_lr, set_lr
 from genattr.methods.base import Report, RunContext
+from genattr.utils.errors import ConfigError
 from genattr.utils.instantiate import build
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,10 @@ def state_dict_cpu(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
+PRETRAIN_SCHEDULES = ("step", "epoch")
+PRETRAIN_SELECT = ("last", "best_test")
+
+
 def pretrain(
     net: nn.Module,
     train: Dataset,
@@ -86,12 +92,27 @@ def pretrain(
     seed: int = 0,
     device: torch.device | str = "cpu",
     log_fn: Any = None,
-) -> float:
-    """Train every parameter of ``net`` with CE on (margin) logits; return the last epoch's loss.
+    lr_schedule: str = "step",
+    warmup_lr: float = 1e-6,
+    min_lr: float = 1e-5,
+    select: str = "last",
+    test: Dataset | None = None,
+    eval_every: int = 20,
+) -> dict[str, Any]:
+    """Train every parameter of ``net`` with CE on (margin) logits; return the last epoch's loss and the pick.
 
-    Warm-up then cosine, per step (the twin recipe: a short one-cycle; the paper: 10 warm-up
-    epochs of 1200).
+    ``lr_schedule: step`` = linear warm-up from 0 then cosine to 0, per step (the twin recipe: a
+    short one-cycle); ``epoch`` = ``train/train_own.py``: timm's cosine stepped before each
+    epoch (warm-up from ``warmup_lr``, floor ``min_lr``). ``select: best_test`` keeps the
+    weights with the highest margin test accuracy, evaluated every ``eval_every`` steps (the
+    original's ``VER_FREQ`` 20 and its best-accuracy checkpoint); ``last`` keeps the end.
     """
+    if lr_schedule not in PRETRAIN_SCHEDULES:
+        raise ConfigError(f"method.lr_schedule={lr_schedule} is unknown; choose one of {list(PRETRAIN_SCHEDULES)}")
+    if select not in PRETRAIN_SELECT:
+        raise ConfigError(f"method.select={select} is unknown; choose one of {list(PRETRAIN_SELECT)}")
+    if select == "best_test" and (test is None or eval_every < 1):
+        raise ConfigError("method.select=best_test needs the test split and method.eval_every >= 1")
     net.to(device).train()
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(train, batch_size=batch_size, shuffle=True, drop_last=len(train) > batch_size, generator=gen)
@@ -101,12 +122,29 @@ def pretrain(
     total = max(1, epochs * len(loader))
     warm = warmup_epochs * len(loader)
     step, mean = 0, float("nan")
+    best: dict[str, Any] = {"acc": -1.0, "step": None, "state": None}
     for epoch in range(epochs):
         losses = []
+        if lr_schedule == "epoch":
+            set_lr(
+                opt,
+                epoch_lr(
+                    epoch,
+                    base_lr=lr,
+                    epochs=epochs,
+                    warmup_epochs=warmup_epochs,
+                    warmup_lr=warmup_lr,
+                    min_lr=min_lr,
+                    step_after_epoch=False,
+                ),
+            )
         for x, y in loader:
-            scale = (step + 1) / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / (total - warm)))
-            for g in opt.param_groups:
-                g["lr"] = lr * scale
+            if lr_schedule == "step":
+                scale = (
+                    (step + 1) / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / (total - warm)))
+                )
+                for g in opt.param_groups:
+                    g["lr"] = lr * scale
             x, y = x.to(device), y.to(device)
             logits, _ = net(x, y)
             loss = F.cross_entropy(logits, y)
@@ -114,13 +152,23 @@ def pretrain(
             loss.backward()
             opt.step()
             losses.append(loss.item())
+            if select == "best_test" and (step + 1) % eval_every == 0 and step != 0:
+                acc = accuracy(net, test, margin=True, device=device)
+                net.train()
+                if acc > best["acc"]:
+                    best = {"acc": acc, "step": step + 1, "state": state_dict_cpu(net)}
             step += 1
         mean = float(np.mean(losses))
         if log_fn is not None:
             log_fn({"pretrain/loss": mean, "pretrain/lr": opt.param_groups[0]["lr"]}, epoch)
         log.info("pretrain epoch %d/%d: loss %.4f", epoch + 1, epochs, mean)
+    picked = {"final_loss": mean, "select": select, "lr_schedule": lr_schedule}
+    if select == "best_test" and best["state"] is not None:
+        net.load_state_dict(best["state"])
+        picked.update(best_test_acc_margin=best["acc"], best_step=best["step"])
+        log.info("pretrain: kept the step-%d weights (margin test accuracy %.2f%%)", best["step"], best["acc"])
     net.eval()
-    return mean
+    return picked
 
 
 @torch.no_grad()
@@ -199,6 +247,11 @@ class Pretrain:
         lr: float = 3e-4,
         weight_decay: float = 0.05,
         warmup_epochs: int = 10,
+        warmup_lr: float = 1e-6,
+        min_lr: float = 1e-5,
+        lr_schedule: str = "epoch",
+        select: str = "best_test",
+        eval_every: int = 20,
         bnd: float | None = None,
     ) -> None:
         # ``bnd`` is accepted only because the data option's twin profile sets it for every
@@ -213,6 +266,11 @@ class Pretrain:
             lr=float(lr),
             weight_decay=float(weight_decay),
             warmup_epochs=int(warmup_epochs),
+            warmup_lr=float(warmup_lr),
+            min_lr=float(min_lr),
+            lr_schedule=str(lr_schedule),
+            select=str(select),
+            eval_every=int(eval_every),
         )
 
     def run(self, protocol: Any, ctx: RunContext) -> Report:
@@ -222,17 +280,29 @@ class Pretrain:
         if protocol.source == "twin":  # the twin's own recipe, the one its cached backbone uses
             twin = dict(self.model_cfg.get("twin_pretrain") or {})
             self.recipe = {k: type(v)(twin.get(k, v)) for k, v in self.recipe.items()}
+            self.recipe.update(lr_schedule="step", select="last")
             log.warning("method=pretrain on the twin: using model.twin_pretrain %s", self.recipe)
+        log.info(
+            "pretrain: %s LR schedule (method.lr_schedule), keeping the %s weights (method.select)",
+            self.recipe["lr_schedule"],
+            self.recipe["select"],
+        )
         t0 = time.perf_counter()
-        loss = pretrain(
-            net, protocol.train, seed=ctx.seed, device=device, log_fn=ctx.tracker.log_metrics, **self.recipe
+        picked = pretrain(
+            net,
+            protocol.train,
+            seed=ctx.seed,
+            device=device,
+            log_fn=ctx.tracker.log_metrics,
+            test=protocol.test,
+            **self.recipe,
         )
         results = {
             "method": self.name,
             "data": protocol.name,
             "data_source": protocol.source,
             "seed": ctx.seed,
-            "final_loss": loss,
+            **picked,
             "test_acc": accuracy(net, protocol.test, margin=False, device=device),
             "test_acc_margin": accuracy(net, protocol.test, margin=True, device=device),
             "train_seconds": time.perf_counter() - t0,
