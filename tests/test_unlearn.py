@@ -246,7 +246,19 @@ def test_abu_retrieves_the_planted_exemplars_far_above_random_and_pixel(twin_run
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{base / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("e2e_unlearn").experiment_id])
     assert runs[0].data.metrics["map/unlearn"] == pytest.approx(maps["unlearn"])
-    assert {"map/influence", "map/text", "recall_at_4/unlearn"} <= set(runs[0].data.metrics)
+    assert {"map/influence", "map/text", "map/clip", "map/dino", "recall_at_4/unlearn"} <= set(runs[0].data.metrics)
+    # the twin has no tower weights: random-init towers, recorded as such in the results, the tags and the summary
+    assert res["feature_towers"]["dino"] == {"name": "vit_base_patch16_224.dino", "weights": "random_init"}
+    assert runs[0].data.tags["features.clip"] == "random_init" and "mAP[clip(random-init tower)]" in report.summary
+    assert res["settings"] == {
+        "damping": 0.0,
+        "caption_noise": "independent",
+        "coupling": "coupled",
+        "text_baseline": "encoder",
+    }
+    # the twin's latents are its pixels; its text baseline uses the model's own embeddings (twin profile)
+    assert res["baseline_inputs"] == {"pixel": "pixels", "text": "encoder"}
+    assert runs[0].data.tags["baseline_inputs.text"] == "encoder"
 
 
 @pytest.mark.slow
@@ -276,7 +288,7 @@ SMOKE = [
     "method.evaluation.random_seeds=1",
     "method.evaluation.oracle=false",
     "method.evaluation.loss_time_samples=10",
-    "method.evaluation.ddim_steps=10",
+    "method.evaluation.regen.steps=10",
 ]
 
 
@@ -291,13 +303,17 @@ def smoke_lko(tmp_path_factory):
 def test_leave_k_out_smoke_gives_delta_l_delta_g_and_the_reference_is_theta0(smoke_lko):
     report, out = smoke_lko
     lko = report.results["leave_k_out"]
-    assert lko["reference_equals_theta0"] is True
+    assert lko["reference_equals_theta0"] is True and lko["coupling"] == "coupled"  # the twin profile's choice
     assert set(lko["jobs"]) == {"reference|None|0", "random|0|4", "unlearn|0|4"}
     top4 = report.results["per_query"][0]["unlearn"]["top"][:4]
     assert lko["jobs"]["unlearn|0|4"]["removed"] == sorted(top4)
     assert lko["jobs"]["reference|None|0"]["dl"] == [0.0] and lko["jobs"]["reference|None|0"]["dg"] == [0.0]
     d = lko["table"]["unlearn"]["k4"]
     assert np.isfinite(d["dl"]["mean"]) and d["dl"]["mean"] != 0 and d["dg"]["mean"] > 0
+    # Delta G: pixel MSE and CLIP similarity of DDPM + CFG 7.5 regenerations (10 steps here), tower tagged
+    assert lko["delta_g"]["regen"] == {"scheduler": "ddpm", "steps": 10, "guidance_scale": 7.5}
+    assert lko["delta_g"]["space"] == "pixels" and lko["delta_g"]["clip"]["weights"] == "random_init"
+    assert lko["jobs"]["reference|None|0"]["dg_clip"] == [pytest.approx(1.0)] and d["dg_clip"]["mean"] < 1
     assert (out / "plots" / "delta_l_vs_k.png").is_file()
     plan = json.loads((out / "retrain_plan.json").read_text())  # inline runs write the plan too
     assert [j["uses"] for j in plan["jobs"]] == [["reference|None|0"], ["random|0|4"], ["unlearn|0|4"]]
@@ -352,6 +368,24 @@ def test_retrains_fan_out_as_hydra_jobs_and_the_evaluation_then_only_reads_the_c
     assert {k: (v["dl"], v["dg"]) for k, v in lko["jobs"].items()} == {k: (v["dl"], v["dg"]) for k, v in inline.items()}
 
 
+@pytest.mark.slow
+def test_independent_retrains_are_graded_against_theta0_itself(tmp_path, smoke_lko):
+    """coupling=independent (the paper): no reference retrain; every retrain is a fresh run, Delta L is taken
+    against the given theta0, and the retrains land under other cache keys than the coupled ones."""
+    ov = [*SMOKE, "method.evaluation.coupling=independent", f"method.cache_dir={tmp_path / 'cache'}"]
+    report = run(compose_config(ov, tmp_path / "ind"), overrides=ov)
+    lko = report.results["leave_k_out"]
+    assert lko["coupling"] == "independent" and lko["reference"] == "theta0" and lko["reference_equals_theta0"]
+    assert set(lko["jobs"]) == {"random|0|4", "unlearn|0|4"} and lko["retrains_run"] == 2
+    assert report.results["settings"]["coupling"] == "independent"
+    plan = json.loads((tmp_path / "ind" / "retrain_plan.json").read_text())
+    coupled = json.loads((smoke_lko[1] / "retrain_plan.json").read_text())
+    assert plan["coupling"] == "independent" and coupled["coupling"] == "coupled"
+    assert {j["key"] for j in plan["jobs"]}.isdisjoint(j["key"] for j in coupled["jobs"])
+    # the same removal, retrained from scratch instead of coupled, moves the query's loss differently
+    assert lko["jobs"]["random|0|4"]["dl"] != smoke_lko[0].results["leave_k_out"]["jobs"]["random|0|4"]["dl"]
+
+
 def test_retrain_job_and_plan_errors_are_one_sentence(tmp_path, compose_cfg):
     cfg = compose_cfg(["method=unlearn_retrain", "data=mscoco", f"method.plan={tmp_path / 'p.json'}", "method.job=2"])
     check_compatibility(cfg)
@@ -360,8 +394,8 @@ def test_retrain_job_and_plan_errors_are_one_sentence(tmp_path, compose_cfg):
         PlannedRetrain(name="unlearn_retrain", model={}, trainer={})
     with pytest.raises(DataError, match="p.json does not exist"):
         read_plan(tmp_path / "p.json")
-    (tmp_path / "p.json").write_text('{"version": 1}')
-    with pytest.raises(DataError, match="is not a version-1 retrain plan"):
+    (tmp_path / "p.json").write_text('{"version": 1}')  # before the coupling was part of a plan
+    with pytest.raises(DataError, match="is not a version-2 retrain plan"):
         read_plan(tmp_path / "p.json")
     cfg = compose_cfg(["method=unlearn", "data=mscoco", "method.evaluation.retrains=somewhere"])
     with pytest.raises(Exception, match="method.evaluation.retrains=somewhere is unknown"):  # (Hydra wraps it)

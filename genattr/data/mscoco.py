@@ -3,8 +3,10 @@
 Everything is precomputed and local: training latents (2N rows, N unflipped then N flipped), training text
 embeddings (N, captions, tokens, dim; memory-mapped, 186 GB at full size), query latents and embeddings, the
 UNet state dict of the source model, optionally its diagonal Fisher and, for benchmarks with planted sources,
-the ground-truth training images of each query. ``root: null`` generates the synthetic twin in this same
-format and reads it with this same loader.
+the ground-truth training images of each query. The CLIP-text baseline needs captions, which the release's
+embeddings do not hold: the queries' prompts (``sample_caption.txt``) and the training captions of COCO's
+``annotations/captions_train2017.json`` (the original's download puts it in the same folder). ``root: null``
+generates the synthetic twin in this same format and reads it with this same loader.
 """
 
 from __future__ import annotations
@@ -33,8 +35,11 @@ DEFAULT_FILES: dict[str, str] = {
     "fisher": "fisher_info.safetensors|fisher_info.pt",
     "ground_truth": "query_ground_truth.json",
     "query_captions": "sample_caption.txt",
+    "null_text_embedding": "null_text_embedding.npy",
+    # COCO's caption annotations (row i = i-th image of the file, as pycocotools lists them), or one line per image
+    "train_captions": "annotations/captions_train2017.json|train_captions.txt",
 }
-OPTIONAL = ("fisher", "ground_truth", "query_captions")
+OPTIONAL = ("fisher", "ground_truth", "query_captions", "null_text_embedding", "train_captions")
 
 
 @dataclass
@@ -54,6 +59,14 @@ class AttributionProtocol:
     #: query index -> indices in [0, N) of its true source images (planted benchmarks only)
     ground_truth: dict[int, list[int]] | None = None
     query_captions: list[str] | None = None
+    #: the training captions file (read on demand by :func:`read_train_captions`: COCO's is 90 MB)
+    train_captions: Path | None = None
+    #: (tokens, dim) embedding of the empty prompt, the unconditional input of classifier-free guidance
+    null_text: np.ndarray | None = None
+    #: a diffusers AutoencoderKL folder decoding the latents into images (``data.vae``); None on the twin
+    vae: Path | None = None
+    #: the latents are images in [-1, 1] (the twin), so nothing needs decoding
+    pixel_space: bool = False
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -91,13 +104,48 @@ def _load_ground_truth(path: Path, n_queries: int, n_train: int) -> dict[int, li
     return gt
 
 
+def read_train_captions(path: Path, n_train: int) -> list[str]:
+    """One caption per training image, row i first: a COCO caption-annotation JSON, or a text file.
+
+    COCO JSON: image i is the i-th entry of ``images`` (the order of ``list(COCO(ann).imgs.keys())`` that the
+    release's rows follow) and its caption the first annotation of that image in file order
+    (``coco.imgToAnns[id][0]``, FastGDA ``extract_coco.py``), "" for an image without one. Text file: line i.
+    """
+    try:
+        if path.suffix == ".json":
+            raw = json.loads(path.read_text())
+            first: dict[Any, str] = {}
+            for ann in raw["annotations"]:
+                first.setdefault(ann["image_id"], str(ann["caption"]))
+            captions = [first.get(img["id"], "") for img in raw["images"]]
+        else:
+            captions = path.read_text().splitlines()
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(
+            f"{path} is not a COCO caption-annotation JSON (images, annotations with image_id and caption) or a text "
+            f"file of one caption per line ({type(err).__name__}: {err})"
+        ) from err
+    if len(captions) != n_train:
+        raise DataError(f"{path} has captions for {len(captions)} images; the training set has {n_train}")
+    return captions
+
+
 def _first_existing(root: Path, spec: str) -> Path:
     options = [root / s for s in spec.split("|")]
     return next((p for p in options if p.is_file()), options[-1])
 
 
+def _load_null_text(path: Path, tokens: int, dim: int) -> np.ndarray | None:
+    if not path.is_file():
+        return None
+    arr = _load_npy(path, f"the empty prompt's text embedding of shape (1, {tokens}, {dim})", 3, mmap=False)
+    if arr.shape != (1, tokens, dim):
+        raise DataError(f"{path} holds shape {arr.shape}; expected the empty prompt's embedding (1, {tokens}, {dim})")
+    return np.asarray(arr[0], dtype=np.float32)
+
+
 def load_mscoco(
-    root: str | Path, files: Mapping[str, str] | None = None, *, name: str = "mscoco"
+    root: str | Path, files: Mapping[str, str] | None = None, *, name: str = "mscoco", vae: str | None = None
 ) -> AttributionProtocol:
     """Read (and shape-check) an AbU-format folder; big arrays stay memory-mapped."""
     root = Path(root).expanduser()
@@ -136,6 +184,15 @@ def load_mscoco(
         raise DataError(f"{paths['unet']} does not exist; expected the UNet state dict of the source model")
     fisher = paths["fisher"] if paths["fisher"].is_file() else None
     gt = _load_ground_truth(paths["ground_truth"], qlat.shape[0], n) if paths["ground_truth"].is_file() else None
+    null_text = _load_null_text(paths["null_text_embedding"], txt.shape[2], txt.shape[3])
+    vae_path = None
+    if vae is not None:
+        vae_path = Path(vae).expanduser()
+        if not (vae_path / "config.json").is_file():
+            raise DataError(
+                f"data.vae={vae} is not a diffusers AutoencoderKL folder (config.json + weights), e.g. the vae/ "
+                "folder of stabilityai/stable-diffusion-2"
+            )
     captions = None
     if paths["query_captions"].is_file():
         captions = paths["query_captions"].read_text().splitlines()[: qlat.shape[0]]
@@ -147,6 +204,9 @@ def load_mscoco(
         "text_shape": list(txt.shape[2:]),
         "fisher_file": str(fisher) if fisher else None,
         "ground_truth_queries": len(gt) if gt else 0,
+        "null_text_embedding": null_text is not None,
+        "train_captions": str(paths["train_captions"]) if paths["train_captions"].is_file() else None,
+        "vae": str(vae_path) if vae_path else None,
     }
     log.info("MSCOCO attribution data from %s: %s", root, info)
     return AttributionProtocol(
@@ -161,6 +221,9 @@ def load_mscoco(
         fisher=fisher,
         ground_truth=gt,
         query_captions=captions,
+        train_captions=paths["train_captions"] if paths["train_captions"].is_file() else None,
+        null_text=null_text,
+        vae=vae_path,
         info=info,
     )
 
@@ -172,10 +235,11 @@ def build_mscoco(
     files: Mapping[str, str] | None = None,
     twin: Mapping[str, Any] | None = None,
     cache_dir: str | None = None,
+    vae: str | None = None,
 ) -> AttributionProtocol:
     """``conf/data/mscoco.yaml`` ``_target_``: the real folder, or the twin generated into the cache."""
     if root is not None:
-        return load_mscoco(root, files, name=name)
+        return load_mscoco(root, files, name=name, vae=vae)
     from genattr.data.twins.mscoco import ensure_mscoco_twin
 
     log.warning(
@@ -185,8 +249,11 @@ def build_mscoco(
     if cache_dir is None:
         cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "genattr")
     folder = ensure_mscoco_twin(cache_dir, **dict(twin or {}))
+    if vae is not None:
+        raise ConfigError("data.vae is set but data.root is null: the twin's latents are pixels and need no VAE")
     protocol = load_mscoco(folder, None, name=name)
     protocol.source = "twin"
+    protocol.pixel_space = True
     manifest = json.loads((folder / "twin.json").read_text())
     protocol.info["twin"] = manifest
     return protocol

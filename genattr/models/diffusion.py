@@ -1,4 +1,4 @@
-"""Text-to-image diffusion models from config: a diffusers UNet, its DDPM schedule, the DDPM loss, DDIM sampling.
+"""Text-to-image diffusion models from config: a diffusers UNet, its DDPM schedule, the DDPM loss, sampling.
 
 The MSCOCO model of AbU / JourneyTRAK and the tiny twin UNets differ only in the ``unet`` mapping of
 ``conf/model/*.yaml``; everything downstream (training, Fisher, unlearning, loss sweeps) sees a
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
 from genattr.utils.errors import ConfigError, DataError
 
@@ -129,6 +129,87 @@ def ddim_sample(
         x = sched.step(eps, t, x, eta=eta).prev_sample
     unet.train(was_training)
     return x
+
+
+#: samplers of :func:`generate`: the original's query pipeline (DDPM) and deterministic DDIM (eta 0)
+SAMPLERS = ("ddpm", "ddim")
+
+
+@torch.no_grad()
+def generate(
+    model: DiffusionModel,
+    cond: torch.Tensor,
+    generators: list[torch.Generator],
+    *,
+    scheduler: str = "ddpm",
+    steps: int = 1000,
+    guidance_scale: float = 7.5,
+    null_cond: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sample one latent per prompt, all of its randomness drawn from that prompt's own CPU generator.
+
+    The original's query pipeline (``mscoco/utils.py`` ``T2IWrapper`` + ``run_t2i_pipeline``): a
+    ``DDPMScheduler`` with the training schedule and ``clip_sample`` on, ``steps`` inference steps, and
+    classifier-free guidance eps_u + s (eps_c - eps_u) against ``null_cond`` (the empty prompt) when
+    ``guidance_scale > 1``; the result is the final latent. The initial noise and every ancestral-step noise
+    of prompt i come from ``generators[i]``, so two models given freshly seeded generators see the same noise
+    ("seed consistency"), whatever other prompts share the batch.
+    """
+    if scheduler not in SAMPLERS:
+        raise ConfigError(f"method.evaluation.regen.scheduler={scheduler} is unknown; choose one of {list(SAMPLERS)}")
+    if len(generators) != cond.shape[0]:
+        raise ValueError(f"generate needs one generator per prompt, got {len(generators)} for {cond.shape[0]}")
+    unet = model.unet
+    device = cond.device
+    cfg = float(guidance_scale) > 1.0
+    if cfg and null_cond is None:
+        raise ConfigError(
+            f"classifier-free guidance (guidance_scale={guidance_scale}) needs the empty prompt's embedding "
+            "(null_text_embedding.npy in the data folder); or set method.evaluation.regen.guidance_scale=1"
+        )
+    if scheduler == "ddpm":
+        sched = DDPMScheduler.from_config(model.scheduler.config, clip_sample=True, steps_offset=0)
+    else:
+        sched = DDIMScheduler.from_config(model.scheduler.config, set_alpha_to_one=True)
+    sched.set_timesteps(int(steps))
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    x = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+    both = torch.cat([null_cond[None].expand_as(cond).to(cond), cond]) if cfg else cond
+    was_training = unet.training
+    unet.eval()
+    for t in sched.timesteps:
+        inp = torch.cat([x, x]) if cfg else x
+        eps = unet(inp, t.expand(inp.shape[0]).to(device), encoder_hidden_states=both).sample
+        if cfg:
+            eps_u, eps_c = eps.chunk(2)
+            eps = eps_u + float(guidance_scale) * (eps_c - eps_u)
+        if scheduler == "ddpm":  # a list of generators: diffusers draws row i's noise from generators[i]
+            x = sched.step(eps, t, x, generator=generators).prev_sample
+        else:
+            x = sched.step(eps, t, x, eta=0.0).prev_sample
+    unet.train(was_training)
+    return x
+
+
+def load_vae(path: str | Path, device: torch.device | str = "cpu") -> AutoencoderKL:
+    """A diffusers ``AutoencoderKL`` from a local folder (``data.vae``), in eval mode."""
+    try:
+        vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise DataError(f"data.vae={path} is not a readable diffusers AutoencoderKL folder: {err}") from err
+    return vae.eval().to(device)
+
+
+@torch.no_grad()
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """Images in [-1, 1] from latents stored as ``latent_dist.sample() * scaling_factor`` (the release)."""
+    sf = float(getattr(vae.config, "scaling_factor", 0.18215))
+    dev = next(vae.parameters()).device
+    out = [
+        vae.decode(latents[s : s + batch_size].to(dev, torch.float32) / sf).sample.clamp(-1, 1).cpu()
+        for s in range(0, latents.shape[0], batch_size)
+    ]
+    return torch.cat(out)
 
 
 def count_parameters(net: torch.nn.Module) -> int:

@@ -5,8 +5,9 @@ text-embedding table as the text encoder (one token per attribute), and **plante
 caption token carried by exactly ``per_concept`` images, each of which also shows that concept's own
 stripe texture. The concepts are non-compositional (nothing else in the data carries the token or the
 texture), so only their exemplars can teach them and they are the ground truth of queries that use the
-token (``specs/unlearning.md`` 6.1, 6.3). A tiny UNet (theta0) is trained on the set with the same coupled
-trainer the leave-K-out retrains use, and the queries are sampled from theta0 (DDIM, fixed noise). Every
+token (``specs/unlearning.md`` 6.1, 6.3). Each image has one caption (MSCOCO has 5). A tiny UNet (theta0) is
+trained on the set with the same coupled trainer the leave-K-out retrains use, and the queries are sampled
+from theta0 (DDIM, fixed noise). Every
 query's fidelity (the correlation of its texture with each concept's pattern) is in the manifest; with
 ``fidelity_gate: true`` only queries whose texture matches their own concept best enter
 ``query_ground_truth.json``. The gate is off by default: the CPU-sized theta0 renders blurry samples
@@ -33,7 +34,7 @@ from genattr.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: writes null_text_embedding.npy
 SHAPES = ("square", "circle", "triangle", "cross")
 COLOURS = {
     "red": (1.0, -0.8, -0.8),
@@ -175,6 +176,9 @@ def _build(out: Path, p: Mapping[str, Any], model_cfg: Mapping[str, Any], traine
     q = ddim_sample(model, torch.from_numpy(qtext[:, 0]), noise, steps=p["ddim_steps"]).numpy().astype(np.float32)
     np.save(out / "coco17_sample_latents.npy", q)
     np.save(out / "coco17_sample_text_embeddings.npy", qtext)
+    # the empty prompt of the twin's text encoder (a lookup table has no tokens to look up): zero states,
+    # which switch the cross-attention keys and values off; classifier-free guidance of Delta G uses it
+    np.save(out / "null_text_embedding.npy", np.zeros((1, *qtext.shape[2:]), dtype=np.float32))
     (out / "sample_caption.txt").write_text("\n".join(" ".join(t) for t in prompts) + "\n")
     fid = [_fidelity(x, data["patterns"]) for x in q]
     ok = [int(np.argmax(f)) == c for f, c in zip(fid, concept, strict=False)]

@@ -1,10 +1,12 @@
 """Baseline attribution scores, all (N,) with higher = more responsible, flips scored by max like AbU.
 
 * ``random``: a seeded permutation, the floor every method must clear.
-* ``pixel``: cosine similarity of flattened inputs (JourneyTRAK's pixel baseline). The AbU release stores
-  VAE latents, not pixels, so on MSCOCO this is the latent-space cosine; on the twin latents are pixels.
-* ``text``: cosine similarity of token-averaged text embeddings (the CLIP-text baseline, with the model's
-  own text encoder), max over the training captions.
+* ``pixel``: cosine similarity of flattened inputs (JourneyTRAK's pixel baseline). On the twin the latents
+  are pixels; on real data with ``data.vae`` the decoded images are compared instead
+  (:func:`genattr.methods.attribution.features.pixel_embed`), and this latent-space cosine is the fallback.
+* ``text``: cosine similarity of token-averaged text embeddings of the model's own text encoder, max over the
+  training captions: the fallback (``method.text_baseline=encoder``) of the paper's CLIP ViT-B/32 text
+  baseline (:class:`genattr.methods.attribution.features.TextTower`), which needs captions.
 * ``influence``: the one-step influence function grad L(z)^T F^-1 grad L(query) on the selected weights
   (AbU's small-step limit, paper App. A.3), with per-sample training gradients from ``torch.func``.
 """

@@ -3,10 +3,12 @@
 Stages, each ending in a checkpoint (``resume=auto`` continues after the last one):
 
 0. Fisher (from the data's Fisher file or computed), the pre-unlearning loss sweep, and the baselines
-   (random, pixel cosine, text similarity, one-step influence) for every query;
+   (random, pixel cosine, CLIP text similarity, CLIP / DINO feature cosine, one-step influence) for every query,
+   with what each compared (decoded pixels or latents, CLIP text or the model's encoder) in ``baseline_inputs``;
 1..Q. one stage per query: unlearn it, sweep the training losses again, score tau = after - before
    (max over flips), restore the weights;
-Q+1... one stage per leave-K-out retrain (reference, random-K floor, positive control, each method's top-K).
+Q+1... one stage per leave-K-out retrain (random-K floor, positive control, each method's top-K, and with
+   ``method.evaluation.coupling=coupled`` the reference retrain that removes nothing).
    Where the retrains are trained is ``method.evaluation.retrains``: ``inline`` here; ``plan`` writes
    ``<output>/retrain_plan.json`` and stops, for one Hydra job per retrain (``method=unlearn_retrain``);
    ``cached`` only reads the retrain cache (see :mod:`genattr.methods.attribution.retrain_plan`).
@@ -20,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +30,22 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from genattr.data.mscoco import AttributionProtocol
+from genattr.data.mscoco import AttributionProtocol, read_train_captions
 from genattr.methods.attribution import baselines as bl
+from genattr.methods.attribution.features import (
+    FeatureTower,
+    TextTower,
+    build_towers,
+    image_similarity_scores,
+    pixel_embed,
+    text_similarity_scores,
+    weights_source,
+)
 from genattr.methods.attribution.leave_k_out import QueryProbe, RetrainCache, deltas
-from genattr.methods.attribution.losses import loss_sweep, max_over_flips, strided_timesteps
+from genattr.methods.attribution.losses import CAPTION_NOISE, loss_sweep, max_over_flips, strided_timesteps
 from genattr.methods.attribution.plots import plot_delta_vs_k, plot_query_grid
 from genattr.methods.attribution.retrain_plan import PLAN_FILE, build_plan, missing_jobs, write_plan
-from genattr.methods.attribution.training import recipe_from_trainer
+from genattr.methods.attribution.training import check_coupling, recipe_from_trainer
 from genattr.methods.attribution.unlearning import (
     diagonal_fisher,
     precondition,
@@ -54,12 +65,25 @@ from genattr.metrics.attribution import (
     ranking,
     recall_at_k,
 )
-from genattr.models.diffusion import DiffusionModel, build_diffusion, diffusion_kwargs, load_unet_weights
+from genattr.models.diffusion import (
+    SAMPLERS,
+    DiffusionModel,
+    build_diffusion,
+    decode_latents,
+    diffusion_kwargs,
+    load_unet_weights,
+    load_vae,
+)
 from genattr.utils.errors import ConfigError, DataError
 from genattr.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
-BASELINES = ("random", "pixel", "text", "influence")
+BASELINES = ("random", "pixel", "text", "clip", "dino", "influence")
+#: what the text baseline compares: CLIP ViT-B/32 text embeddings of the captions (the paper) or the model's
+#: own text-encoder states from the release (no captions needed)
+TEXT_BASELINES = ("clip", "encoder")
+#: baselines that compare image features of a tower in ``method.features``
+FEATURE_BASELINES = ("clip", "dino")
 #: where leave-K-out retrains are trained: in this process, by Hydra jobs from a plan file (stop after writing
 #: it), or only read from the cache (fail naming the missing ones)
 RETRAIN_MODES = ("inline", "plan", "cached")
@@ -92,7 +116,9 @@ class AttributionByUnlearning:
         fisher: Mapping[str, Any],
         sweep: Mapping[str, Any],
         baselines: Sequence[str] = BASELINES,
+        text_baseline: str = "clip",
         influence: Mapping[str, Any] | None = None,
+        features: Mapping[str, Any] | None = None,
         queries: Sequence[int] | None = None,
         recall_ks: Sequence[int] = (10,),
         plot_top_k: int = 8,
@@ -107,11 +133,48 @@ class AttributionByUnlearning:
         self.recipe = recipe_from_trainer(trainer)
         self.weights = weights
         self.unlearn_cfg, self.fisher_cfg, self.sweep_cfg = dict(unlearn), dict(fisher), dict(sweep)
+        self.caption_noise = str(self.sweep_cfg.get("caption_noise", "independent"))
+        if self.caption_noise not in CAPTION_NOISE:
+            raise ConfigError(
+                f"method.sweep.caption_noise={self.caption_noise} is unknown; choose one of {list(CAPTION_NOISE)}"
+            )
+        if self.caption_noise != "independent":
+            log.warning(
+                "method.sweep.caption_noise=%s: one loss-sweep noise draw per (image, t) shared by all captions; "
+                "the original draws one per (image, caption, t)",
+                self.caption_noise,
+            )
+        if float(self.unlearn_cfg.get("damping", 0.0)) != 0.0:
+            log.warning(
+                "method.unlearn.damping=%s: F + damping * mean(F) per tensor (FastGDA); the original AbU update is "
+                "undamped (damping=0)",
+                self.unlearn_cfg["damping"],
+            )
         unknown = sorted(set(baselines) - set(BASELINES))
         if unknown:
             raise ConfigError(f"method.baselines has unknown entries {unknown}; valid: {list(BASELINES)}")
         self.baselines = list(baselines)
         self.influence_cfg = dict(influence or {})
+        self.features_cfg = {k: dict(v) for k, v in dict(features or {}).items()}
+        self.text_baseline = str(text_baseline)
+        if self.text_baseline not in TEXT_BASELINES:
+            raise ConfigError(
+                f"method.text_baseline={self.text_baseline} is unknown; choose one of {list(TEXT_BASELINES)}"
+            )
+        if "text" in self.baselines and self.text_baseline != "clip":
+            log.warning(
+                "method.text_baseline=%s: the text baseline compares the model's own text-encoder states; the paper's "
+                "is the CLIP ViT-B/32 text embedding of the captions (text_baseline=clip)",
+                self.text_baseline,
+            )
+        needed = [b for b in self.baselines if b in FEATURE_BASELINES]
+        if dict(evaluation or {}).get("clip_similarity", False):
+            needed.append("clip")
+        if "text" in self.baselines and self.text_baseline == "clip":
+            needed.append("clip_text")
+        missing = sorted(set(needed) - set(self.features_cfg))
+        if missing:
+            raise ConfigError(f"method.features has no tower for {missing} (name, weights, pretrained, resize, crop)")
         self.queries = None if queries is None else [int(q) for q in queries]
         self.recall_ks = [int(k) for k in recall_ks]
         self.plot_top_k = int(plot_top_k)
@@ -119,6 +182,19 @@ class AttributionByUnlearning:
         mode = self.eval_cfg.get("retrains", "inline")
         if mode not in RETRAIN_MODES:
             raise ConfigError(f"method.evaluation.retrains={mode} is unknown; choose one of {list(RETRAIN_MODES)}")
+        self.coupling = check_coupling(str(self.eval_cfg.get("coupling", "independent")))
+        if self.eval_cfg.get("enabled", False) and self.coupling != "independent":
+            log.warning(
+                "method.evaluation.coupling=%s: leave-K-out retrains share theta0's random stream (removed images "
+                "weigh 0) and Delta L is taken against the coupled retrain that removes nothing; the paper retrains "
+                "from scratch (coupling=independent)",
+                self.coupling,
+            )
+        regen = dict(self.eval_cfg.get("regen") or {})
+        if self.eval_cfg.get("enabled", False) and regen.get("scheduler") not in SAMPLERS:
+            raise ConfigError(
+                f"method.evaluation.regen.scheduler={regen.get('scheduler')} is unknown; choose one of {list(SAMPLERS)}"
+            )
         self.noise_seed = int(noise_seed)
         self.cache_dir = Path(cache_dir or ".cache").expanduser()
 
@@ -139,8 +215,30 @@ class AttributionByUnlearning:
             ts,
             seed=self.noise_seed,
             batch_size=int(self.sweep_cfg["batch_size"]),
+            caption_noise=self.caption_noise,
             device=device,
         )
+
+    def _image_decoder(
+        self, protocol: AttributionProtocol, device: torch.device
+    ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """Latents -> images in [-1, 1]: the identity on the twin, the ``data.vae`` on real data, else None."""
+        if protocol.pixel_space:
+            return lambda x: x.float().clamp(-1, 1)
+        if protocol.vae is None:
+            return None
+        vae = load_vae(protocol.vae, device)
+        return lambda x: decode_latents(vae, x)
+
+    def _towers(self, keys: Sequence[str], device: torch.device) -> dict[str, FeatureTower]:
+        return build_towers(list(keys), self.features_cfg, device)
+
+    def _tag_towers(self, ctx: RunContext, towers: Mapping[str, FeatureTower]) -> dict[str, dict[str, str]]:
+        info = {k: {"name": t.name, "weights": t.source} for k, t in towers.items()}
+        set_tags = getattr(ctx.tracker, "set_tags", None)
+        if info and set_tags is not None and ctx.accelerator.is_main_process:
+            set_tags({f"features.{k}": v["weights"] for k, v in info.items()})
+        return info
 
     def _query(self, protocol: AttributionProtocol, q: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         return (
@@ -186,18 +284,7 @@ class AttributionByUnlearning:
         t0 = time.perf_counter()
         before = self._sweep(model, protocol, device)
         sweep_s = time.perf_counter() - t0
-        scores: dict[str, np.ndarray] = {}
-        n = protocol.n_train
-        if "random" in self.baselines:
-            scores["random"] = np.stack([bl.random_scores(n, self.noise_seed * 7919 + q) for q in queries])
-        if "pixel" in self.baselines:
-            scores["pixel"] = np.stack(
-                [bl.pixel_cosine(protocol.query_latents[q], protocol.train_latents) for q in queries]
-            )
-        if "text" in self.baselines:
-            scores["text"] = np.stack(
-                [bl.text_similarity(protocol.query_text[q], protocol.train_text) for q in queries]
-            )
+        scores, towers_info, inputs = self._similarity_baselines(protocol, queries, ctx, device)
         if "influence" in self.baselines:
             dirs = [
                 precondition(
@@ -233,7 +320,98 @@ class AttributionByUnlearning:
             np.save(state_dir / "pretrain_loss.npy", before)
             np.savez(state_dir / "baselines.npz", queries=np.asarray(queries), **scores)
             atomic_write_json(state_dir / "timing.json", {"fisher_s": fisher_s, "sweep_s": sweep_s})
+            atomic_write_json(state_dir / "feature_towers.json", towers_info)
+            atomic_write_json(state_dir / "baseline_inputs.json", inputs)
         ctx.tracker.log_metrics({"time/fisher_s": fisher_s, "time/sweep_s": sweep_s}, step=0)
+
+    def _similarity_baselines(
+        self, protocol: AttributionProtocol, queries: list[int], ctx: RunContext, device: torch.device
+    ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, str]], dict[str, str]]:
+        """Scores of the random, pixel, text, clip and dino baselines, the towers used and each one's inputs.
+
+        pixel: cosine of flattened [-1, 1] images (the model's training images: FastGDA
+        ``abu/coco/prepare_latents_text_embeds.py`` centre-crops to 128 px and normalises to [-1, 1]), decoded by
+        ``data.vae`` on real data (``decoded_pixels``), the latents themselves on the twin (``pixels``), the
+        release's latents without a VAE (``latents``, warned). text: CLIP ViT-B/32 text embeddings of the
+        captions (``clip_text``) or the model's own text-encoder states (``encoder``). Every decoded chunk of
+        training rows serves all image baselines at once.
+        """
+        scores: dict[str, np.ndarray] = {}
+        towers_info: dict[str, dict[str, str]] = {}
+        inputs: dict[str, str] = {}
+        n = protocol.n_train
+        if "random" in self.baselines:
+            scores["random"] = np.stack([bl.random_scores(n, self.noise_seed * 7919 + q) for q in queries])
+        decoded_pixels = "pixel" in self.baselines and not protocol.pixel_space and protocol.vae is not None
+        if "pixel" in self.baselines and not decoded_pixels:
+            inputs["pixel"] = "pixels" if protocol.pixel_space else "latents"
+            if not protocol.pixel_space:
+                log.warning(
+                    "pixel baseline on the release's latents, not pixels: set data.vae=<the SD-2 VAE folder> to "
+                    "compare decoded images as the paper does (recorded as baseline_inputs.pixel=latents)"
+                )
+            scores["pixel"] = np.stack(
+                [bl.pixel_cosine(protocol.query_latents[q], protocol.train_latents) for q in queries]
+            )
+        if "text" in self.baselines:
+            captions = self._text_captions(protocol)
+            if captions is None:
+                inputs["text"] = "encoder"
+                scores["text"] = np.stack(
+                    [bl.text_similarity(protocol.query_text[q], protocol.train_text) for q in queries]
+                )
+            else:
+                inputs["text"] = "clip_text"
+                tower = TextTower("clip_text", device=device, **self.features_cfg["clip_text"])
+                towers_info.update(self._tag_towers(ctx, {"clip_text": tower}))
+                assert protocol.query_captions is not None  # _text_captions
+                scores["text"] = text_similarity_scores(tower, [protocol.query_captions[q] for q in queries], captions)
+        feats = [b for b in self.baselines if b in FEATURE_BASELINES]
+        if feats or decoded_pixels:
+            decode = self._image_decoder(protocol, device)
+            assert decode is not None  # _preflight
+            towers = self._towers(feats, device)
+            towers_info.update(self._tag_towers(ctx, towers))
+            embedders: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {k: t.embed for k, t in towers.items()}
+            if decoded_pixels:
+                inputs["pixel"] = "decoded_pixels"
+                embedders["pixel"] = pixel_embed
+            lat = protocol.train_latents
+            q_images = decode(torch.from_numpy(np.asarray(protocol.query_latents[queries], dtype=np.float32)))
+            scores.update(
+                image_similarity_scores(
+                    embedders,
+                    q_images,
+                    lambda a, b: decode(torch.from_numpy(np.array(lat[a:b], dtype=np.float32))),
+                    lat.shape[0],
+                )
+            )
+        set_tags = getattr(ctx.tracker, "set_tags", None)
+        if inputs and set_tags is not None and ctx.accelerator.is_main_process:
+            set_tags({f"baseline_inputs.{k}": v for k, v in inputs.items()})
+        log.info("baseline inputs: %s", inputs)
+        return scores, towers_info, inputs
+
+    def _text_captions(self, protocol: AttributionProtocol) -> list[str] | None:
+        """The training captions of the CLIP-text baseline, or None (the encoder fallback, warned about)."""
+        if self.text_baseline != "clip":
+            return None
+        missing = []
+        if protocol.train_captions is None:
+            missing.append(
+                f"the training captions ({protocol.root / 'annotations/captions_train2017.json'}; "
+                "data.files.train_captions=<file>)"
+            )
+        if not protocol.query_captions or len(protocol.query_captions) < protocol.n_queries:
+            missing.append(f"a prompt per query ({protocol.root / 'sample_caption.txt'})")
+        if missing:
+            log.warning(
+                "method.text_baseline=clip needs %s; the text baseline falls back to the model's own text-encoder "
+                "embeddings (recorded as baseline_inputs.text=encoder)",
+                " and ".join(missing),
+            )
+            return None
+        return read_train_captions(protocol.train_captions, protocol.n_train)
 
     # -- the run ----------------------------------------------------------------------------------
     def run(self, protocol: AttributionProtocol, ctx: RunContext) -> Report:
@@ -245,6 +423,7 @@ class AttributionByUnlearning:
         bad = [q for q in queries if not 0 <= q < protocol.n_queries]
         if bad:
             raise ConfigError(f"method.queries has {bad} outside the {protocol.n_queries} queries of the data")
+        self._preflight(protocol)
         model = self._theta0(protocol, device)
         names = select_parameters(model.unet, self.weights)
         n_sel = sum(dict(model.unet.named_parameters())[n].numel() for n in names)
@@ -306,6 +485,15 @@ class AttributionByUnlearning:
             ),
         }
         results["weights"] = {"subset": self.weights, "n_params": n_sel, "n_tensors": len(names)}
+        towers_file, inputs_file = state_dir / "feature_towers.json", state_dir / "baseline_inputs.json"
+        results["feature_towers"] = json.loads(towers_file.read_text()) if towers_file.is_file() else {}
+        results["baseline_inputs"] = json.loads(inputs_file.read_text()) if inputs_file.is_file() else {}
+        results["settings"] = {
+            "damping": float(self.unlearn_cfg["damping"]),
+            "caption_noise": self.caption_noise,
+            "coupling": self.coupling,
+            "text_baseline": self.text_baseline,
+        }
         completed = True
         if self.eval_cfg.get("enabled", False):
             lko, lko_metrics, lko_art, completed = self._leave_k_out(
@@ -323,7 +511,11 @@ class AttributionByUnlearning:
                 "queries": queries,
             }
         )
-        summary = " ".join(f"mAP[{m}]={v:.3f}" for m, v in results.get("map", {}).items())
+        random_init = {k for k, v in results["feature_towers"].items() if v.get("weights") == "random_init"}
+        summary = " ".join(
+            f"mAP[{m}{'(random-init tower)' if m in random_init else ''}]={v:.3f}"
+            for m, v in results.get("map", {}).items()
+        )
         if "command" in results.get("leave_k_out", {}):
             lko = results["leave_k_out"]
             summary += (
@@ -333,6 +525,33 @@ class AttributionByUnlearning:
                 "then run this command again with method.evaluation.retrains=cached"
             )
         return Report(metrics, results, artifacts, summary=summary or "AbU scores written", completed=completed)
+
+    def _preflight(self, protocol: AttributionProtocol) -> None:
+        """Inputs the later stages need, checked before hours of Fisher and sweeps are spent."""
+        feats = [b for b in self.baselines if b in FEATURE_BASELINES]
+        if feats and not protocol.pixel_space and protocol.vae is None:
+            raise ConfigError(
+                f"method.baselines has {feats}, which compare images, but the data's latents need a decoder: "
+                "set data.vae=<the SD-2 VAE folder> or drop them from method.baselines"
+            )
+        towers = list(feats)
+        if "text" in self.baselines and self.text_baseline == "clip" and protocol.train_captions is not None:
+            towers.append("clip_text")
+        decodes = protocol.pixel_space or protocol.vae is not None
+        if self.eval_cfg.get("enabled", False) and self.eval_cfg.get("clip_similarity", True) and decodes:
+            towers.append("clip")
+        for k in dict.fromkeys(towers):  # weights file present, or hub weights reachable
+            tower = self.features_cfg[k]
+            weights_source(k, tower["name"], tower.get("weights"), bool(tower.get("pretrained", True)))
+        regen = dict(self.eval_cfg.get("regen") or {})
+        if self.eval_cfg.get("enabled", False) and float(regen.get("guidance_scale", 1)) > 1:
+            if protocol.null_text is None:
+                raise DataError(
+                    f"{protocol.root / 'null_text_embedding.npy'} does not exist: Delta G regenerates the queries "
+                    f"with classifier-free guidance (method.evaluation.regen.guidance_scale={regen['guidance_scale']}) "
+                    "against the empty prompt's embedding (1, tokens, dim), e.g. the SD-2 OpenCLIP encoding of "
+                    '""; add it or set method.evaluation.regen.guidance_scale=1'
+                )
 
     def _resume(self, ctx: RunContext) -> int:
         found = ctx.checkpoints.latest_for(ctx.config_fingerprint)
@@ -424,8 +643,10 @@ class AttributionByUnlearning:
         oracle = bool(cfg.get("oracle", True)) and all(q in gt for q in eval_q)
         rand_ks = sorted(set(ks) | ({len(gt[q]) for q in eval_q} if oracle else set()))
         n = protocol.n_train
-        # the job list: reference, random-K floor, positive control, each method's top-K
-        jobs: list[tuple[str, Any, int, list[int]]] = [("reference", None, 0, [])]
+        # the job list: reference (coupled only: independent retrains are compared with theta0 itself, the
+        # paper's Eq. 2), random-K floor, positive control, each method's top-K
+        coupled = self.coupling == "coupled"
+        jobs: list[tuple[str, Any, int, list[int]]] = [("reference", None, 0, [])] if coupled else []
         for k in rand_ks:
             for s in range(int(cfg["random_seeds"])):
                 rng = np.random.default_rng([int(cfg.get("random_seed", 0)), k, s])
@@ -444,17 +665,8 @@ class AttributionByUnlearning:
             self.recipe,
             protocol.train_latents,
             protocol.train_text,
+            coupling=self.coupling,
             accelerator=ctx.accelerator,
-        )
-        probe = QueryProbe(
-            protocol.query_latents,
-            protocol.query_text,
-            eval_q,
-            time_samples=int(cfg["loss_time_samples"]),
-            ddim_steps=int(cfg["ddim_steps"]),
-            seed=self.noise_seed + 2,
-            num_train_timesteps=theta0.num_timesteps,
-            device=ctx.accelerator.device,
         )
         mode = str(cfg.get("retrains", "inline"))
         plan = build_plan(cache, [(f"{kd}|{w}|{k}", rm) for kd, w, k, rm in jobs])
@@ -483,10 +695,11 @@ class AttributionByUnlearning:
                     f"{', '.join(first['uses'])}); train them with `{plan.get('command')}` (plus this run's "
                     "data/model/trainer overrides), then run this again"
                 )
+        probe, dg_info = self._probe(protocol, eval_q, theta0, ctx)
         train = mode == "inline"
         found = ctx.checkpoints.latest()
         done: dict[str, Any] = dict(found[1].get("lko", {})) if found else {}
-        ref_model = cache.model([], train=train)
+        ref_model = cache.model([], train=train) if coupled else theta0
         ref = probe.measure(ref_model)
         theta0_state = theta0.unet.state_dict()
         same = all(torch.equal(v.cpu(), theta0_state[k].cpu()) for k, v in ref_model.unet.state_dict().items())
@@ -502,23 +715,74 @@ class AttributionByUnlearning:
                 continue
             t0 = time.perf_counter()
             model = ref_model if not removed else cache.model(removed, train=train)
-            dl, dg = deltas(ref, probe.measure(model))
+            d = deltas(ref, probe.measure(model))
             done[key] = {
                 "kind": kind,
                 "who": who,
                 "k": k,
                 "removed": removed,
-                "dl": dl.tolist(),
-                "dg": dg.tolist(),
+                **{m: v.tolist() for m, v in d.items()},
                 "seconds": time.perf_counter() - t0,
             }
             self._save(ctx, task, "retrain", {"lko": done})
             if self._stop(ctx, task):
                 return {"jobs": done}, {}, [], False
-        return (*self._grade(done, eval_q, ks, methods, oracle, gt, same, cache.trained, ctx.output_dir), True)
+        lko, metrics, art = self._grade(done, eval_q, ks, methods, oracle, gt, same, cache.trained, ctx.output_dir)
+        lko["delta_g"] = dg_info
+        lko["coupling"] = self.coupling
+        lko["reference"] = "coupled retrain removing nothing" if coupled else "theta0"
+        return lko, metrics, art, True
+
+    def _probe(self, protocol, eval_q, theta0, ctx) -> tuple[QueryProbe, dict[str, Any]]:
+        """The Delta L / Delta G probe: the regeneration pipeline, the image decoder and the CLIP tower."""
+        cfg = self.eval_cfg
+        regen = dict(cfg["regen"])
+        device = ctx.accelerator.device
+        decode = self._image_decoder(protocol, device)
+        clip = None
+        info: dict[str, Any] = {"regen": regen, "space": "pixels" if decode is not None else "latents"}
+        if decode is None:
+            log.warning(
+                "Delta G on latents, not pixels, and without CLIP similarity: the data has no decoder "
+                "(set data.vae=<the SD-2 VAE folder>)"
+            )
+        if bool(cfg.get("clip_similarity", True)) and decode is not None:
+            towers = self._towers(["clip"], device)
+            info["clip"] = self._tag_towers(ctx, towers)["clip"]
+            clip = towers["clip"]
+        probe = QueryProbe(
+            protocol.query_latents,
+            protocol.query_text,
+            eval_q,
+            time_samples=int(cfg["loss_time_samples"]),
+            seed=self.noise_seed + 2,
+            num_train_timesteps=theta0.num_timesteps,
+            regen=regen,
+            null_text=protocol.null_text,
+            to_images=decode,
+            clip=clip,
+            device=device,
+        )
+        log.info("Delta G: %s", info)
+        return probe, info
 
     def _grade(self, done, eval_q, ks, methods, oracle, gt, same, trained, out: Path):
+        """Grade every method against the random floor per K on Delta L, Delta G MSE and (if measured) CLIP.
+
+        The CLIP similarity falls when a regeneration changes, so it is graded on its negation: every gain,
+        z and pairwise difference below means "changed the query more" (for ``dg_clip``: lower similarity),
+        while ``mean`` / ``floor_mean`` stay the similarity itself, as the paper reports it.
+        """
         qi = {q: i for i, q in enumerate(eval_q)}
+        whats = ["dl", "dg"] + (["dg_clip"] if all("dg_clip" in v for v in done.values()) else [])
+        sign = {"dl": 1.0, "dg": 1.0, "dg_clip": -1.0}
+
+        def grade(vals: list[float], floor: list[list[float]], what: str) -> dict[str, Any]:
+            sg = sign[what]
+            g = grade_against_random([sg * v for v in vals], [[sg * x for x in f] for f in floor])
+            g["mean"], g["floor_mean"] = sg * g["mean"], sg * g["floor_mean"]
+            g["clears_floor"] = clears_floor(g)
+            return g
 
         def random_draws(k: int, what: str) -> list[list[float]]:
             rs = [v for v in done.values() if v["kind"] == "random" and v["k"] == k]
@@ -528,15 +792,14 @@ class AttributionByUnlearning:
         metrics: dict[str, float] = {}
         curves: dict[str, dict[int, tuple[float, float]]] = {"random": {}}
         for k in ks:
-            for what in ("dl", "dg"):
+            for what in whats:
                 floor = random_draws(k, what)
                 curves_key = "random"
                 if what == "dl":
                     curves[curves_key][k] = mean_se([np.mean(f) for f in floor])
                 for m in methods:
                     vals = [done[f"{m}|{q}|{k}"][what][qi[q]] for q in eval_q]
-                    g = grade_against_random(vals, floor)
-                    g["clears_floor"] = clears_floor(g)
+                    g = grade(vals, floor, what)
                     table.setdefault(m, {}).setdefault(f"k{k}", {})[what] = g
                     metrics[f"lko/{what}/{m}/k{k}"] = g["mean"]
                     metrics[f"lko/{what}_gain/{m}/k{k}"] = g["gain_mean"]
@@ -548,8 +811,11 @@ class AttributionByUnlearning:
         for i, a in enumerate(methods):
             for b in methods[i + 1 :]:
                 for k in ks:
-                    for what in ("dl", "dg"):
-                        diff = [done[f"{a}|{q}|{k}"][what][qi[q]] - done[f"{b}|{q}|{k}"][what][qi[q]] for q in eval_q]
+                    for what in whats:
+                        diff = [
+                            sign[what] * (done[f"{a}|{q}|{k}"][what][qi[q]] - done[f"{b}|{q}|{k}"][what][qi[q]])
+                            for q in eval_q
+                        ]
                         mean, se = mean_se(diff)
                         z = mean / se if se > 0 else None
                         pairwise.setdefault(f"{a}-{b}", {}).setdefault(f"k{k}", {})[what] = {
@@ -559,11 +825,10 @@ class AttributionByUnlearning:
                         }
         control: dict[str, Any] = {}
         if oracle:
-            for what in ("dl", "dg"):
+            for what in whats:
                 vals = [done[f"oracle|{q}|{len(gt[q])}"][what][qi[q]] for q in eval_q]
                 floor = [random_draws(len(gt[q]), what)[qi[q]] for q in eval_q]
-                g = grade_against_random(vals, floor)
-                g["clears_floor"] = clears_floor(g)
+                g = grade(vals, floor, what)
                 control[what] = g
                 metrics[f"lko/{what}/oracle"] = g["mean"]
             if not control["dl"]["clears_floor"]:

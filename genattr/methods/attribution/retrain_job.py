@@ -5,7 +5,7 @@ One Hydra job per retrain::
     python launch.py -m method=unlearn_retrain data=mscoco method.plan=<run>/retrain_plan.json \
         method.job=0,1,2 hydra/launcher=local          # or hydra/launcher=slurm
 
-The model and the training recipe come from the plan (they define the cache key); the training data
+The model, the training recipe and the coupling come from the plan (they define the cache key); the training data
 come from ``data=...`` and must have the plan's fingerprint. A job whose retrain is already cached
 returns at once, and a pre-empted job simply trains again (the cache file is written atomically), so
 re-launching the whole sweep is always safe.
@@ -65,6 +65,7 @@ class PlannedRetrain:
             TrainRecipe(**plan["recipe"]),
             protocol.train_latents,
             protocol.train_text,
+            coupling=plan["coupling"],
             accelerator=ctx.accelerator,
         )
         if cache.base["data"] != plan["data_fingerprint"]:

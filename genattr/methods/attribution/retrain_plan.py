@@ -2,7 +2,7 @@
 
 At paper scale each retrain is ~16 A100-hours, so the evaluation cannot train them in its own process.
 With ``method.evaluation.retrains=plan`` (or ``cached``) it writes ``retrain_plan.json``: the shared
-recipe (data fingerprint, model, training recipe and seed, their hash) and one job per distinct removed
+recipe (data fingerprint, model, training recipe and seed, coupling, their hash) and one job per distinct removed
 set, each with the cache key it must produce. ``method=unlearn_retrain method.plan=<file>
 method.job=<i>`` (:mod:`genattr.methods.attribution.retrain_job`) trains job ``i`` into the shared
 retrain cache, one Hydra job each (``-m ... method.job=0,1,2 hydra/launcher=local|slurm``); the
@@ -20,9 +20,9 @@ from genattr.methods.attribution.leave_k_out import RetrainCache
 from genattr.utils.errors import DataError
 from genattr.utils.io import atomic_write_json
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: the coupling of the retrains (method.evaluation.coupling)
 PLAN_FILE = "retrain_plan.json"
-_KEYS = ("version", "cache_folder", "base_hash", "data_fingerprint", "model", "recipe", "jobs")
+_KEYS = ("version", "cache_folder", "base_hash", "data_fingerprint", "model", "recipe", "coupling", "jobs")
 
 
 def launch_command(plan_path: Path, data_name: str, n_jobs: int) -> str:
@@ -49,6 +49,7 @@ def build_plan(cache: RetrainCache, entries: Sequence[tuple[str, Sequence[int]]]
         "data_fingerprint": cache.base["data"],
         "model": cache.model_cfg,
         "recipe": cache.recipe.as_dict(),
+        "coupling": cache.coupling,
         "jobs": list(jobs.values()),
     }
 

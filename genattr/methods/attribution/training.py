@@ -1,15 +1,24 @@
 """Train a text-to-image UNet from scratch with Accelerate; the same code trains theta0 and every retrain.
 
-**Coupled retraining.** One random stream (seeded by ``recipe.seed``) draws, for every step, the rows of
-the batch (a permutation of all 2N rows per epoch), the captions, the timesteps and the noise, whatever
-is removed. A removed image keeps its place in the stream with loss weight 0 and the batch loss is the
-weighted mean. Removing nothing therefore reproduces theta0 bit for bit, and any difference between a
-retrain and theta0 is caused by the removal, not by a different noise draw: at twin sizes a fresh seed
-alone moves the loss as much as any removal (``specs/unlearning.md`` 6.3).
+Leave-K-out retrains come in two couplings (``method.evaluation.coupling``):
+
+* **independent** (the paper's "retrain from scratch", Eq. 1; its retraining code is not released): every
+  retrain is its own training run on the kept images only. Its initial weights and its random stream
+  (batch order over the kept 2(N-K) rows, captions, timesteps, noise) are seeded by a hash of (seed,
+  removed set), so two retrains never share a stream and removing nothing is a fresh model, not theta0.
+  An epoch is one pass over the kept rows.
+* **coupled** (genattr's variance reduction): one random stream, seeded by ``recipe.seed``, draws for every
+  step the rows of the batch (a permutation of all 2N rows per epoch), the captions, the timesteps and the
+  noise, whatever is removed; a removed image keeps its place with loss weight 0 and the batch loss is
+  the weighted mean. Removing nothing reproduces theta0 bit for bit, so any difference between a retrain
+  and theta0 is caused by the removal, not by a different noise draw: at twin sizes a fresh seed alone
+  moves the loss as much as any removal (``specs/unlearning.md`` 6.3).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 import warnings
@@ -27,6 +36,9 @@ from genattr.models.diffusion import DiffusionModel, ddpm_loss
 from genattr.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+#: how a leave-K-out retrain relates to theta0's training run (see the module docstring)
+COUPLINGS = ("independent", "coupled")
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,23 @@ def gather_text(text: np.ndarray, rows: np.ndarray, captions: np.ndarray) -> tor
     )
 
 
+def check_coupling(coupling: str) -> str:
+    """``coupling`` if it is one of :data:`COUPLINGS`, else a :class:`ConfigError` naming the key."""
+    if coupling not in COUPLINGS:
+        raise ConfigError(f"method.evaluation.coupling={coupling} is unknown; choose one of {list(COUPLINGS)}")
+    return coupling
+
+
+def independent_seed(seed: int, removed: Iterable[int]) -> int:
+    """The seed of an independent retrain: a hash of (``seed``, sorted removed set), not ``seed`` itself.
+
+    A retrain that removes nothing therefore draws another stream than the run seeded by ``seed``
+    (theta0), and every removed set has a stream of its own; the same removal always gets the same one.
+    """
+    blob = json.dumps({"seed": int(seed), "removed": sorted(int(i) for i in removed), "coupling": "independent"})
+    return int.from_bytes(hashlib.sha256(blob.encode()).digest()[:8], "big") % (2**63 - 1)
+
+
 def train_coupled(
     model: DiffusionModel,
     latents: np.ndarray,
@@ -90,11 +119,41 @@ def train_coupled(
     on_log: Callable[[int, float, float], None] | None = None,
     log_every: int = 50,
 ) -> dict[str, torch.Tensor]:
-    """Train ``model.unet`` in place on all 2N rows minus ``removed`` images (both flips); return its weights.
+    """:func:`train_unet` with ``coupling="coupled"``: how theta0 of the twin is trained."""
+    return train_unet(
+        model,
+        latents,
+        text,
+        recipe,
+        removed=removed,
+        coupling="coupled",
+        accelerator=accelerator,
+        on_log=on_log,
+        log_every=log_every,
+    )
 
-    The returned state dict (CPU) holds the EMA weights when ``recipe.ema_decay > 0`` (what every
-    downstream step uses) and the UNet is left holding them too.
+
+def train_unet(
+    model: DiffusionModel,
+    latents: np.ndarray,
+    text: np.ndarray,
+    recipe: TrainRecipe,
+    *,
+    removed: Iterable[int] = (),
+    coupling: str,
+    accelerator: Accelerator | None = None,
+    on_log: Callable[[int, float, float], None] | None = None,
+    log_every: int = 50,
+) -> dict[str, torch.Tensor]:
+    """Train ``model.unet`` in place on the 2N rows minus ``removed`` images (both flips); return its weights.
+
+    ``coupling`` (one of :data:`COUPLINGS`) decides the random stream and the rows an epoch runs over (see
+    the module docstring); the caller builds ``model``, so for an independent retrain it seeds the initial
+    weights (``RetrainCache`` uses :func:`independent_seed` of the model's seed). The returned state dict
+    (CPU) holds the EMA weights when ``recipe.ema_decay > 0`` (what every downstream step uses) and the
+    UNet is left holding them too.
     """
+    check_coupling(coupling)
     acc = accelerator or Accelerator(cpu=True)
     n_rows, n = latents.shape[0], text.shape[0]
     keep = np.ones(n, dtype=np.float32)
@@ -104,9 +163,14 @@ def train_coupled(
     keep[removed] = 0.0
     if keep.sum() == 0:
         raise ValueError("every training image is removed; nothing to train on")
-    steps_per_epoch = n_rows // recipe.batch_size
+    if coupling == "coupled":  # every row keeps its place in theta0's stream; removed ones weigh 0
+        rows, seed = torch.arange(n_rows), recipe.seed
+    else:  # a run of its own over the kept rows
+        rows = torch.from_numpy(np.flatnonzero(keep[np.arange(n_rows) % n]))
+        seed = independent_seed(recipe.seed, removed.tolist())
+    steps_per_epoch = len(rows) // recipe.batch_size
     if steps_per_epoch < 1:
-        raise ConfigError(f"trainer.batch_size={recipe.batch_size} exceeds the {n_rows} training rows")
+        raise ConfigError(f"trainer.batch_size={recipe.batch_size} exceeds the {len(rows)} training rows")
     total = recipe.epochs * steps_per_epoch
     with warnings.catch_warnings():
         # the latents may be a read-only memmap of the cache; they are only read (batches are indexed copies), so
@@ -122,12 +186,12 @@ def train_coupled(
     device = acc.device
     ac = model.alphas_cumprod.to(device)
     # the stream lives on the CPU so that theta0 and retrains draw the same numbers on any device
-    gen = torch.Generator().manual_seed(recipe.seed)
+    gen = torch.Generator().manual_seed(seed)
     n_caps, T = text.shape[1], model.num_timesteps
     rank, world = acc.process_index, acc.num_processes
     t0, step, running, count = time.perf_counter(), 0, 0.0, 0
     for _epoch in range(recipe.epochs):
-        perm = torch.randperm(n_rows, generator=gen)
+        perm = rows[torch.randperm(len(rows), generator=gen)]
         for s in range(steps_per_epoch):
             idx = perm[s * recipe.batch_size : (s + 1) * recipe.batch_size].numpy()
             t = torch.randint(0, T, (len(idx),), generator=gen)
@@ -158,6 +222,13 @@ def train_coupled(
     if ema is not None:
         ema.copy_to(net.parameters())
     acc.free_memory()
-    log.info("trained %d steps (%d of %d images kept) in %.1fs", total, int(keep.sum()), n, time.perf_counter() - t0)
+    log.info(
+        "trained %d steps (%s, %d of %d images kept) in %.1fs",
+        total,
+        coupling,
+        int(keep.sum()),
+        n,
+        time.perf_counter() - t0,
+    )
     model.unet = net
     return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}

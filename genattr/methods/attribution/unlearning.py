@@ -4,7 +4,10 @@ theta <- theta + alpha / N * (F + lambda * mean_layer F)^-1 * grad L(query)   (p
 
 on the selected weights only. F is the mean of squared per-sample gradients of the DDPM loss (one random
 timestep, noise and caption per sample) computed with ``torch.func`` (``vmap`` of ``grad`` over
-``functional_call``); the original has no damping, ``damping: 0`` restores it.
+``functional_call``). The original (``mscoco/compute_influence.py``) has no damping: lambda = 0 is the
+default, and FastGDA's layer-wise damping (lambda = 0.1) is the flag ``method.unlearn.damping``. Undamped, a
+zero Fisher entry divides by zero; the original then writes inf/nan into the weights without a word, so
+:func:`precondition` refuses such a Fisher with a sentence instead.
 """
 
 from __future__ import annotations
@@ -174,11 +177,23 @@ def query_gradient(
 def precondition(
     g: Mapping[str, torch.Tensor], fisher: Mapping[str, torch.Tensor], damping: float
 ) -> dict[str, torch.Tensor]:
-    """(F + damping * mean_layer(F))^-1 g, per parameter tensor; damping 0 is the original (no guard)."""
+    """(F + damping * mean_layer(F))^-1 g, per parameter tensor; damping 0 is the original's division by F.
+
+    A zero in the (damped) Fisher is a :class:`ConfigError`: the original divides by it and silently turns
+    those weights into inf (or nan where the gradient is zero too), which makes every loss nan.
+    """
     out = {}
     for n, v in g.items():
         f = fisher[n].to(v.device, torch.float64)
-        out[n] = v / (f + float(damping) * f.mean())
+        denom = f + float(damping) * f.mean()
+        zeros = int((denom == 0).sum())
+        if zeros:
+            raise ConfigError(
+                f"the Fisher of {n} has {zeros} zero entries and method.unlearn.damping={damping}: the undamped "
+                "update grad / (N F) would write inf/nan into those weights; set method.unlearn.damping>0 "
+                "(FastGDA uses 0.1) or use a Fisher without zeros"
+            )
+        out[n] = v / denom
     return out
 
 
@@ -201,10 +216,14 @@ def unlearn(
     steps: int = 1,
     draws: int = 512,
     batch_size: int = 80,
-    damping: float = 0.1,
+    damping: float = 0.0,
     seed: int = 0,
 ) -> None:
-    """Unlearn the query (x0, cond) in place: ``steps`` preconditioned ascent steps on its DDPM loss."""
+    """Unlearn the query (x0, cond) in place: ``steps`` preconditioned ascent steps on its DDPM loss.
+
+    Per selected weight: p += alpha * g / (n_train * (F + damping * mean F)), g the query gradient averaged
+    over ``draws`` (t, eps) pairs; ``damping=0`` is ``mscoco/compute_influence.py``'s update.
+    """
     if alpha == 0:
         return
     for s in range(int(steps)):
