@@ -172,6 +172,84 @@ def test_score_function_learns_the_cfg_log_ratio() -> None:
     assert np.mean((s > 0) == (y[1::2] > 0)) > 0.8
 
 
+# jonasricker/prada (commit a2e3670) src/prada/prada.py ``PRADA`` and its released prada_weights/{rar_l,var_d20}/
+# final.pt: parameter names and shapes (n_hidden 16, input_dim 1); RAR has one stage with w = [1.0] fixed
+PRADA_KEYS = {
+    "alpha": (1,),
+    "net.0.weight": (16, 1),
+    "net.0.bias": (16,),
+    "net.2.weight": (16, 16),
+    "net.2.bias": (16,),
+    "net.4.weight": (1, 16),
+    "net.4.bias": (1,),
+}
+
+
+def test_score_function_has_pradas_layout_and_fixes_a_single_stage_weight() -> None:
+    var = ScoreFunction(scale_slices([1, 2, 3, 4, 5, 6, 8, 10, 13, 16], 680))
+    rar = ScoreFunction(scale_slices([], 256))
+    for sf, stages in ((var, 10), (rar, 1)):
+        assert {k: tuple(v.shape) for k, v in sf.state_dict().items()} == {**PRADA_KEYS, "w": (stages,)}
+    assert var.w.requires_grad and torch.allclose(var.w, torch.full((10,), 0.1))
+    assert not rar.w.requires_grad and rar.w.tolist() == [1.0]
+    # PRADA's predict.py trains with training_noise 0.1; the fit keeps w at 1 for one stage and the penalty at 0
+    feats = np.random.default_rng(0).normal(size=(40, 1, 8, 2)).astype(np.float32)
+    model, _ = fit_score_function(feats, np.r_[np.ones(20), np.zeros(20)], [(0, 8)], epochs=20, lr=1e-2)
+    assert model.w.tolist() == [1.0] and float(model.alpha.detach()) != 1.0
+
+
+def test_score_function_noise_is_on_each_stages_combined_input() -> None:
+    """PRADA's ``forward_single_token``: noise 0.1·std(x) on x = (2 − α)ℓ_c − αℓ_u, per stage, in training only.
+    ℓ_u varies a lot but ℓ_c − ℓ_u little, and stage 2's x varies 10× stage 1's: noise on ℓ_c and ℓ_u separately,
+    or one std for all stages, would be far larger in stage 1."""
+    rng = np.random.default_rng(0)
+    lu = rng.normal(0.0, 50.0, size=(256, 1, 40))
+    lc = lu + np.concatenate([rng.normal(0, 1.0, (256, 1, 20)), rng.normal(0, 10.0, (256, 1, 20))], -1)
+    feats = torch.as_tensor(np.stack([lc, lu], -1), dtype=torch.float32)
+    sf = ScoreFunction([(0, 20), (20, 40)], noise=0.1)
+    seen = []
+
+    class Record(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(x[..., 0].detach())
+            return x
+
+    sf.net = Record()
+    x = (feats[..., 0] - feats[..., 1]).detach()  # α = 1
+    sf.eval()
+    sf.per_candidate(feats)
+    assert torch.equal(seen[0], x[..., :20]) and torch.equal(seen[1], x[..., 20:])  # no noise when scoring
+    seen.clear()
+    sf.train()
+    sf.per_candidate(feats)
+    for stage, (a, b) in enumerate(((0, 20), (20, 40))):
+        ratio = float((seen[stage] - x[..., a:b]).std() / x[..., a:b].std())
+        assert 0.09 < ratio < 0.11, (stage, ratio)
+
+
+def test_score_function_loss_is_pradas_mean_bce() -> None:
+    """PRADA: BCEWithLogitsLoss() (mean over images) on labels smoothed to 0.025 / 0.975, + 0.1·(‖w‖₁ − 1)²."""
+    rng = np.random.default_rng(1)
+    feats = rng.normal(size=(30, 1, 21, 2)).astype(np.float32)
+    y = (np.arange(30) < 5).astype(np.float32)  # 5 positives, 25 negatives
+    scales = scale_slices([1, 2, 4], 21)
+    _, hist = fit_score_function(feats, y, scales, epochs=1, noise=0.0, seed=7, balance=False)
+    torch.manual_seed(7)
+    fresh = ScoreFunction(scales)
+    with torch.no_grad():
+        logits = fresh(torch.as_tensor(feats))
+    t = torch.as_tensor(y) * 0.95 + 0.025
+    bce = -(t * torch.nn.functional.logsigmoid(logits) + (1 - t) * torch.nn.functional.logsigmoid(-logits)).mean()
+    assert hist[0] == pytest.approx(float(bce), rel=1e-5)  # the w penalty is 0 at w = 1/S
+    _, balanced = fit_score_function(feats, y, scales, epochs=1, noise=0.0, seed=7, balance=True)
+    assert balanced[0] != pytest.approx(hist[0], rel=1e-3)  # on 5 : 25 rows the class weighting differs
+    # on PRADA's own 1 : 1 data (250 own + 250 real) the balanced loss is its plain mean, step for step
+    even = (np.arange(30) < 15).astype(np.float32)
+    _, plain = fit_score_function(feats, even, scales, epochs=3, noise=0.0, seed=7, balance=False)
+    _, weighted = fit_score_function(feats, even, scales, epochs=3, noise=0.0, seed=7, balance=True)
+    assert weighted == pytest.approx(plain, rel=1e-6)
+
+
 def test_candidate_classes() -> None:
     assert candidate_classes("null", 2, num_classes=5, null_class=5).tolist() == [[5], [5]]
     assert candidate_classes("all", 1, num_classes=3, null_class=3).tolist() == [[0, 1, 2]]
@@ -358,6 +436,38 @@ def test_config_composes_for_both_pipelines(compose_cfg, pipeline: str) -> None:
     assert any(c.startswith("method.prada.epochs") for c in changes)
     tracer = build(cfg.method, model={}, trainer={})
     assert isinstance(tracer, ModelTracer) and tracer.pipeline == pipeline
+
+
+def test_quirk_flags_are_logged_with_the_originals_defaults_and_the_twin_profile(compose_cfg, tmp_path: Path) -> None:
+    class Recorder(NullTracker):
+        def __init__(self) -> None:
+            self.dicts: dict[str, dict] = {}
+
+        def log_dict(self, obj: dict, artifact_file: str) -> None:
+            self.dicts[artifact_file] = json.loads(json.dumps(obj))  # what MLflow writes must be plain JSON
+
+    def flags(twin: bool) -> dict:
+        cfg = compose_cfg(["method=prada", "data=rarvar"])
+        if twin:
+            apply_twin_profile(cfg, {"method", "data"})
+        tracker = Recorder()
+        build(cfg.method, model={}, trainer={})._log_flags(
+            RunContext(**{**_ctx(tmp_path).__dict__, "tracker": tracker})
+        )
+        return tracker.dicts["config/prada_flags.json"]
+
+    paper, twin = flags(False), flags(True)
+    # the originals: DataProvenanceIAR's Algorithm 3 (no keep-best, init 0.5); PRADA's 1 : 1 class balance
+    assert paper["stage1.alg3"]["keep_best"] is False and paper["stage1.alg3"]["init_logit"] == 0.5
+    assert paper["prada.balance"] is True and paper["prada.position_groups"] == 1
+    # the twin profile's logged departures (reasons in conf/data/rarvar.yaml)
+    assert twin["stage1.alg3"] == {
+        **paper["stage1.alg3"],
+        "rounds_stop_scale": 1,
+        "init_logit": 10.0,
+        "keep_best": True,
+    }
+    assert twin["prada.balance"] is True and twin["prada.position_groups"] == 4
 
 
 def test_real_data_needs_its_root_and_checkpoints(compose_cfg, fake_task: Path, tmp_path: Path) -> None:

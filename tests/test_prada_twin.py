@@ -1,6 +1,6 @@
 """The rarvar twin has the properties spec §9.3 asks for: task layout, exact PNG round trip of generated
-images, Algorithm 3 ≤ greedy with greedy not already exact, own-variant likelihood advantage, PRADA's score
-functions separating each model's own images from the outliers, determinism."""
+images, greedy not already exact and the twin profile's Algorithm 3 beating it, own-variant likelihood advantage,
+PRADA's score functions separating each model's own images from the outliers, determinism."""
 
 from __future__ import annotations
 
@@ -25,10 +25,12 @@ from genattr.metrics.detection import auroc
 from genattr.models.autoregressive.family import load_family
 from genattr.models.tokenizers.optimized_quant import optimized_quantize, quant_loss
 
-#: the twin profile's PRADA position groups for single-scale tokens (conf/data/rarvar.yaml)
-POSITION_GROUPS = OmegaConf.load(
-    Path(__file__).parents[1] / "conf/data/rarvar.yaml"
-).twin_profile.method.prada.position_groups
+CONF = Path(__file__).parents[1] / "conf"
+#: the method's defaults and the twin profile's overrides of them (conf/method/prada.yaml, conf/data/rarvar.yaml)
+METHOD = OmegaConf.load(CONF / "method/prada.yaml")
+TWIN_PROFILE = OmegaConf.load(CONF / "data/rarvar.yaml").twin_profile.method
+#: the twin profile's PRADA position groups for single-scale tokens
+POSITION_GROUPS = TWIN_PROFILE.prada.position_groups
 
 
 @pytest.fixture(scope="module")
@@ -89,18 +91,30 @@ def test_generated_pngs_are_exact_truncated_decoder_outputs(twin: Path, families
             assert png.dtype == np.uint8 and np.array_equal(png, image), r["image_name"]
 
 
-def test_optimized_quantization_beats_greedy_which_is_not_exact(twin: Path, families: dict) -> None:
+def test_optimized_quantization_on_the_twin(twin: Path, families: dict) -> None:
+    """Greedy is not exact on the twin (VAR's key difficulty); the twin profile's Algorithm 3 (rizvisaira's init
+    logit 10 + keep-best) beats it on part of the images; the official settings (init 0.5, no keep-best) snap far
+    from the exact latent on this tokenizer, which is why the twin profile departs from them."""
     tok = families["var"][0]
     hidden = load_file(str(twin / "hidden" / "val_var.safetensors"))
-    sampled, f_z = hidden["tokens"][:8], hidden["latent"][:8]
+    sampled, f_z = hidden["tokens"][:16], hidden["latent"][:16]
     greedy = tok.quantize(f_z)
     # the twin keeps VAR's key difficulty: greedy does not recover sampled tokens even from the exact latent
     assert (greedy != sampled).any(1).float().mean() > 0.5
     g_loss = quant_loss(tok, f_z, greedy)
     assert (g_loss > 0).all()
-    # init logit 10 as rizvisaira; few iterations to stay CPU-cheap (keep-best makes ≤ hold by construction)
-    opt = optimized_quantize(tok, f_z, rounds_stop_scale=2, iters=25, init_logit=10.0, keep_best_every=5)
-    assert (quant_loss(tok, f_z, opt) <= g_loss).all()
+    profile = OmegaConf.merge(METHOD.stage1.alg3, TWIN_PROFILE.stage1.alg3)
+    opts = {**OmegaConf.to_container(profile), "tau": tuple(profile.tau)}
+    assert opts["keep_best"] and opts["init_logit"] == 10.0 and opts["iters"] == 200
+    o_loss = quant_loss(tok, f_z, optimized_quantize(tok, f_z, **opts))
+    better = (o_loss < g_loss).float().mean()
+    print("twin profile Alg. 3 beats greedy on", float(better), "of the images")
+    # measured 6 of 16 (12 of 32) strictly better; zero steps or steps up the loss leave none
+    assert (o_loss <= g_loss).all() and better >= 0.2
+    official = {**opts, "init_logit": 0.5, "keep_best": False}
+    off = optimized_quantize(tok, f_z, **official)
+    print("official Alg. 3: QuantLoss", float(quant_loss(tok, f_z, off).mean()), "greedy", float(g_loss.mean()))
+    assert quant_loss(tok, f_z, off).mean() > 3 * g_loss.mean()  # measured 10x; recovery 10 % vs greedy's 52 %
 
 
 def test_own_variant_likelihood_advantage(twin: Path, families: dict) -> None:
@@ -165,7 +179,10 @@ def test_prada_score_functions_separate_own_images_from_outliers(twin: Path, fam
             reached[name] = 100 * auroc(np.r_[np.ones(len(h)), np.zeros(len(o))], np.r_[h, o])
     print("PRADA own-vs-outlier AUROC per model (sampled tokens):", reached)
     # measured on the version-6 twin with 4 position groups: var 100 each; rar 100 / 94 / 93 / 95. With one group
-    # (PRADA's RAR S = 1): rar 98 / 89 / 91 / 92; on the version-5 twin (half the RAR guidance) 92 / 76 / 82 / 85
+    # (PRADA's RAR S = 1): rar 98 / 89 / 91 / 92; on the version-5 twin (half the RAR guidance) 92 / 76 / 82 / 85.
+    # With PRADA's noise on each stage's combined input (issue 16), on a second machine's v6 build: var 100 / 99.7 /
+    # 100 / 100, rar 94.4 / 98.0 / 91.2 / 95.1 (noise on ℓ_c and ℓ_u separately, as before: rar 93.7 / 98.0 / 88.8
+    # / 93.0; one group with w fixed to 1: rar 92.4 / 97.8 / 91.6 / 91.2)
     assert all(v > 90.0 for v in reached.values()), reached
 
 

@@ -22,6 +22,7 @@ from genattr.methods.provenance.signals import QuantizerSpec, signals_batch
 from genattr.models.autoregressive.rar import RARGenerator
 from genattr.models.autoregressive.var import VARGenerator
 from genattr.models.tokenizers.multi_scale import MultiScaleVQ
+from genattr.models.tokenizers.optimized_quant import alg3_rounds
 from genattr.models.tokenizers.single_scale import SingleScaleVQ
 
 
@@ -29,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--scale", choices=["real", "twin", "auto"], default="auto", help="auto: real on CUDA, else twin")
     p.add_argument("--batch-size", type=int, default=None, help="default: 16 real, 64 twin")
-    p.add_argument("--alg3-iters", type=int, default=None, help="Adam steps per round (paper: 200; default 50 real)")
+    p.add_argument("--alg3-iters", type=int, default=200, help="Adam steps per round (official: 200)")
+    p.add_argument("--alg3-keep-best", action="store_true", help="keep the best argmax seen (genattr flag, off)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--sample-batch", type=int, default=8, help="images per sampling call (CFG doubles the batch)")
     p.add_argument("--out", default="bench_results/prada.json")
@@ -77,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     scale = args.scale if args.scale != "auto" else ("real" if device.type == "cuda" else "twin")
     bs = args.batch_size or (16 if scale == "real" else 64)
-    iters = args.alg3_iters or (50 if scale == "real" else 40)
+    iters = args.alg3_iters
     models, size = _models(scale)
     g = torch.Generator().manual_seed(0)
     images = torch.rand(bs, 3, size, size, generator=g).to(device)
@@ -95,8 +97,9 @@ def main(args: argparse.Namespace) -> int:
             fam_res["stage1_greedy"]["images_per_s"] / fam_res["stage1_greedy_batch1"]["images_per_s"]
         )
         if fam == "var":
-            opts = {"rounds_stop_scale": 4 if scale == "real" else 1, "iters": iters, "keep_best_every": 25}
-            rounds = len(tok.patch_nums) - opts["rounds_stop_scale"]
+            # the official schedule (keep_best off); the twin's 4 scales stop at 1 (rounds fix_scale 4, 3, 2)
+            opts = {"rounds_stop_scale": 4 if scale == "real" else 1, "iters": iters, "keep_best": args.alg3_keep_best}
+            rounds = len(alg3_rounds(len(tok.patch_nums), opts["rounds_stop_scale"]))
             fam_res["alg3"] = {**opts, "rounds": rounds, "adam_steps": rounds * iters}
             fam_res["stage1_alg3"] = _stage1(tok, images, QuantizerSpec(True, opts), device, max(1, args.repeats - 1))
             fam_res["alg3_over_greedy_time"] = (

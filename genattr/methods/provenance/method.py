@@ -361,7 +361,7 @@ class ModelTracer:
                 tok = self._tokenizer(protocol, f, device)
                 fam_cfg = dict(self.inverse_cfg.get(f, {}))
                 p = pairs[f]
-                n_hold = int(round(len(p) * float(self.inverse_cfg.get("holdout", 0.1))))
+                n_hold = int(round(len(p) * float(self.inverse_cfg.get("holdout", 0.0))))
                 perm = torch.randperm(len(p), generator=torch.Generator().manual_seed(self.seed))
                 hold, train = perm[:n_hold], perm[n_hold:]
                 held = p.subset(hold) if n_hold else None
@@ -692,6 +692,7 @@ class ModelTracer:
             "pairs.per_variant": self.pairs_per_variant,
             "stage1.signal": self.s1.get("signal", "comb"),
             "stage1.optimized_quant": self.s1.get("optimized_quant", True),
+            "stage1.alg3": OmegaConf.to_container(OmegaConf.create(dict(self.s1.get("alg3") or {}))),
             "stage1.quantized_reconstruction": self.s1.get("quantized_reconstruction", False),
             "stage1.quant_reduce": self.quant_reduce,
             "stage1.threshold": dict(self.s1.get("threshold", {}) or {}),

@@ -1,9 +1,13 @@
-"""One-step PRADA score functions (Damm et al., CVPR Findings 2026; spec §7).
+"""One-step PRADA score functions (Damm et al., CVPR Findings 2026; spec §7; ``src/prada/prada.py``).
 
-Per candidate model m: s_m(x) = Σ_s w_s · mean_{tokens p in scale s} MLP((2 − α)·ℓ_c(p) − α·ℓ_u(p)), with a
-1→16→16→1 ELU MLP, a learnable α (init 1, i.e. start at the log ratio ℓ_c − ℓ_u) and learnable per-scale
-weights w (init 1/S; VAR S = #scales, RAR S = 1). Trained with BCE (label smoothing 0.05) + 0.1·(‖w‖₁ − 1)²,
-Gaussian input noise of 0.1·std of each feature, AdamW lr 1e-3 on the full batch.
+Per candidate model m: s_m(x) = Σ_s w_s · mean_{tokens p in stage s} MLP(x_p), x_p = (2 − α)·ℓ_c(p) − α·ℓ_u(p), with
+a 1→16→16→1 ELU MLP, a learnable α (init 1, i.e. start at the log ratio ℓ_c − ℓ_u) and per-stage weights w:
+learnable and initialised to 1/S when there are S > 1 stages (VAR's scales, or ``position_groups`` > 1 on RAR),
+fixed to 1 for a single stage (RAR). While training, each stage's combined input x gets Gaussian noise of
+``noise``·std(x) (std over that stage's tokens of the whole batch, drawn anew at every step, not detached, as
+PRADA's ``forward_single_token``). Loss: mean BCE with logits (label smoothing 0.05) + 0.1·(‖w‖₁ − 1)², AdamW
+lr 1e-3 on the full batch. The parameter names and shapes are PRADA's (``alpha`` [1], ``w`` [S], ``net.{0,2,4}``),
+so its released ``final.pt`` files load with ``load_state_dict``.
 
 Class labels are unknown in the task, so the input carries K' candidate classes [N, K', L, 2]; the score of
 an image is the max or log-mean-exp of the per-candidate scores (the same in training and inference).
@@ -37,22 +41,34 @@ def prada_negatives(cfg: Mapping[str, object]) -> list[str]:
 
 
 class ScoreFunction(nn.Module):
-    def __init__(self, scales: Sequence[tuple[int, int]], hidden: int = 16, aggregate: str = "max") -> None:
+    def __init__(
+        self, scales: Sequence[tuple[int, int]], hidden: int = 16, aggregate: str = "max", noise: float = 0.0
+    ) -> None:
         super().__init__()
         self.scales = [tuple(s) for s in scales]
         self.aggregate = aggregate
-        self.mlp = nn.Sequential(
+        #: training-time noise on each stage's combined input, as a fraction of its std (0 = none)
+        self.noise = float(noise)
+        self.noise_generator: torch.Generator | None = None
+        self.alpha = nn.Parameter(torch.ones(1))
+        n = len(self.scales)
+        # one stage (RAR): nothing to weigh, w stays 1 (PRADA); several: learnable, init 1/S
+        self.w = nn.Parameter(torch.full((n,), 1.0 / n), requires_grad=n > 1)
+        self.net = nn.Sequential(
             nn.Linear(1, hidden), nn.ELU(), nn.Linear(hidden, hidden), nn.ELU(), nn.Linear(hidden, 1)
         )
-        self.alpha = nn.Parameter(torch.tensor(1.0))
-        self.w = nn.Parameter(torch.full((len(self.scales),), 1.0 / len(self.scales)))
 
     def per_candidate(self, feats: torch.Tensor) -> torch.Tensor:
         """[N, K', L, 2] -> [N, K'] scores."""
         x = (2 - self.alpha) * feats[..., 0] - self.alpha * feats[..., 1]
-        t = self.mlp(x.unsqueeze(-1)).squeeze(-1)
-        per_scale = torch.stack([t[..., a:b].mean(-1) for a, b in self.scales], dim=-1)
-        return (per_scale * self.w).sum(-1)
+        stages = []
+        for a, b in self.scales:
+            xs = x[..., a:b]
+            if self.training and self.noise > 0:
+                eps = torch.randn(xs.shape, generator=self.noise_generator, dtype=xs.dtype).to(xs.device)
+                xs = xs + torch.std(xs) * self.noise * eps
+            stages.append(self.net(xs.unsqueeze(-1)).squeeze(-1).mean(-1))
+        return (torch.stack(stages, dim=-1) * self.w).sum(-1)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         s = self.per_candidate(feats)
@@ -80,31 +96,35 @@ def fit_score_function(
 ) -> tuple[ScoreFunction, list[float]]:
     """Train one score function on [N, K', L, 2] features with binary targets; returns it and the loss curve.
 
-    ``balance`` weights positives and negatives to equal total weight: PRADA trains on 250 + 250 images, while
-    one-vs-rest on this task has ≈8 negatives per positive, which otherwise pushes every score below 0.
+    ``balance`` weights positives and negatives to equal total weight. PRADA's loss is the plain mean BCE over
+    250 own + 250 real images, which is exactly this weighting; one-vs-rest on this task has ≈8 negatives per
+    positive, where the plain mean (``balance=False``) would tilt every score towards "not mine".
     """
     torch.manual_seed(seed)
-    model = ScoreFunction(scales, hidden, aggregate)
+    model = ScoreFunction(scales, hidden, aggregate, noise=noise)
     x = torch.as_tensor(feats, dtype=torch.float32)
     y = torch.as_tensor(positive, dtype=torch.float32)
     target = y * (1 - smoothing) + 0.5 * smoothing
-    std = x.reshape(-1, 2).std(dim=0) * noise  # per feature (ℓ_c, ℓ_u)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    weight = None
     if balance and 0 < float(y.sum()) < len(y):
         weight = torch.where(y > 0.5, 0.5 / y.sum(), 0.5 / (len(y) - y.sum()))
-    else:
-        weight = torch.full_like(y, 1.0 / len(y))
-    g = torch.Generator().manual_seed(seed)
+    model.noise_generator = torch.Generator().manual_seed(seed)
+    model.train()
     history = []
     for _ in range(int(epochs)):
-        xin = x + torch.randn(x.shape, generator=g) * std if noise > 0 else x
-        bce = nn.functional.binary_cross_entropy_with_logits(model(xin), target, weight=weight, reduction="sum")
+        out = model(x)
+        if weight is None:  # PRADA: BCEWithLogitsLoss(), the mean over images
+            bce = nn.functional.binary_cross_entropy_with_logits(out, target)
+        else:
+            bce = nn.functional.binary_cross_entropy_with_logits(out, target, weight=weight, reduction="sum")
         loss = bce + weight_penalty * (model.w.abs().sum() - 1) ** 2
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         history.append(float(loss.detach()))
     model.eval()
+    model.noise_generator = None
     return model, history
 
 
