@@ -8,6 +8,10 @@ TEST_WORKERS ?= auto
 export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
 export MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING ?= false
+# the same CPU float kernels on every x86 machine (the README's twin figures and the tests use them; tests/conftest.py)
+export MKL_CBWR ?= AVX2
+export ONEDNN_MAX_CPU_ISA ?= AVX2
+export ATEN_CPU_CAPABILITY ?= avx2
 # tracking server (make mlflow-server): where it keeps runs and artifacts, and where it listens
 MLFLOW_DIR ?= $(CURDIR)/mlflow-server
 MLFLOW_HOST ?= 127.0.0.1

@@ -10,6 +10,11 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+# the same float kernels on every x86 machine (MKL, oneDNN and ATen capped at AVX2), so a twin and every figure a
+# test asserts come out the same on a developer's AVX-512 box and on the CI runner (set before torch loads; the
+# Makefile exports the same values for `make demo` / `make bench`)
+for _var, _value in (("MKL_CBWR", "AVX2"), ("ONEDNN_MAX_CPU_ISA", "AVX2"), ("ATEN_CPU_CAPABILITY", "avx2")):
+    os.environ.setdefault(_var, _value)
 ROOT = Path(__file__).resolve().parents[1]
 # twins and the twin-pretrained backbone are built once and shared by every test
 os.environ.setdefault("GENATTR_CACHE", str(ROOT / ".cache" / "tests"))
