@@ -18,7 +18,8 @@ from genattr.config import apply_twin_profile, check_compatibility, explicit_ove
 from genattr.data.faces import build_casia100
 from genattr.data.forgetting import ForgetTask, class_order, make_tasks, select_subset, task_subsets
 from genattr.data.imagenet100 import build_imagenet100, imagenet_transform
-from genattr.methods.forgetting.loop import ForgettingLoop, _BestH, epoch_lrs
+from genattr.engine.schedule import epoch_lrs
+from genattr.methods.forgetting.loop import ForgettingLoop, _BestH
 from genattr.methods.forgetting.lora import (
     attach_lora,
     ffn_targets,
@@ -190,21 +191,27 @@ def test_subsets_are_drawn_per_task_from_the_forget_and_remain_sets():
     assert np.bincount(labels[few[1][0]], minlength=10).tolist() == [2, 0, 2, 2] + [0] * 6
 
 
+def _timm_lrs_stepped_before_each_epoch(lr: float, warmup: int, epochs: int = 100) -> list[float]:
+    """The original's per-task timm ``CosineLRScheduler`` (min-lr 1e-5, warm-up from 1e-6), ``step(epoch)`` first."""
+    timm_sched = pytest.importorskip("timm.scheduler")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = timm_sched.CosineLRScheduler(
+        opt, t_initial=epochs, lr_min=1e-5, warmup_t=warmup, warmup_lr_init=1e-6, warmup_prefix=False, t_in_epochs=True
+    )
+    want = []
+    for epoch in range(epochs):
+        sched.step(epoch)
+        want.append(opt.param_groups[0]["lr"])
+    return want
+
+
 def test_lr_schedule_steps_before_each_epoch_as_the_original(compose_cfg):
     # train_own_forget_cl.py: lr_scheduler, _ = create_scheduler(args, OPTIMIZER) per task (timm cosine,
     # t_initial = epochs, --warmup-epochs 0, --warmup-lr 1e-6, --min-lr 1e-5), then
     # `for epoch in range(NUM_EPOCH): lr_scheduler.step(epoch); train_one_epoch(...)`
-    timm_sched = pytest.importorskip("timm.scheduler")
     schedule = dict(compose_cfg(["method=gslora", "data=casia100"]).trainer.schedule)
     assert schedule["step_after_epoch"] is False
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-2)
-    sched = timm_sched.CosineLRScheduler(
-        opt, t_initial=100, lr_min=1e-5, warmup_t=0, warmup_lr_init=1e-6, warmup_prefix=False, t_in_epochs=True
-    )
-    want = []
-    for epoch in range(100):
-        sched.step(epoch)
-        want.append(opt.param_groups[0]["lr"])
+    want = _timm_lrs_stepped_before_each_epoch(1e-2, warmup=0)
     got = epoch_lrs(schedule, 1e-2, 100)
     assert got == pytest.approx(want, rel=1e-12) and got[1] < got[0] == 1e-2
     after = epoch_lrs({**schedule, "step_after_epoch": True}, 1e-2, 100)
@@ -438,19 +445,11 @@ def test_retrain_warms_up_for_5_epochs_and_trains_the_head_as_the_scripts(compos
     # calls lr_scheduler.step(epoch) before each epoch; the rebuilt backbone has every parameter trainable.
     from genattr.methods.forgetting.loop import effective_schedule
 
-    timm_sched = pytest.importorskip("timm.scheduler")
     method, cfg = _method(compose_cfg, "retrain")
     assert method.lr == 3e-4 and method.train_head and method.paired is False and method.epoch_over == "remain"
     schedule = effective_schedule(cfg.trainer.schedule, method.schedule)
     assert schedule["warmup_epochs"] == 5 and cfg.trainer.schedule.warmup_epochs == 0  # the others keep 0
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-4)
-    sched = timm_sched.CosineLRScheduler(
-        opt, t_initial=100, lr_min=1e-5, warmup_t=5, warmup_lr_init=1e-6, warmup_prefix=False, t_in_epochs=True
-    )
-    want = []
-    for epoch in range(100):
-        sched.step(epoch)
-        want.append(opt.param_groups[0]["lr"])
+    want = _timm_lrs_stepped_before_each_epoch(3e-4, warmup=5)
     assert epoch_lrs(schedule, 3e-4, 100) == pytest.approx(want, rel=1e-12)
     assert want[0] == pytest.approx(1e-6) and want[4] < 3e-4
     assert method.resolved_init() == "scratch"  # the face ViT: a new ViT_face, random init

@@ -13,6 +13,7 @@ instead of depending on a particular timm version:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 
@@ -86,6 +87,23 @@ def epoch_lr(
         warmup_lr=warmup_lr,
         min_lr=min_lr,
     )
+
+
+def epoch_lrs(schedule: Mapping[str, Any], base_lr: float, epochs: int) -> list[float]:
+    """The LR of every epoch of a stage from a ``trainer.schedule`` mapping (the schedule is re-created per
+    task, as LoRAX's and GS-LoRA's originals do); ``step_after_epoch`` as in :func:`epoch_lr`."""
+    return [
+        epoch_lr(
+            epoch,
+            base_lr=base_lr,
+            epochs=epochs,
+            warmup_epochs=int(schedule["warmup_epochs"]),
+            warmup_lr=float(schedule["warmup_lr"]),
+            min_lr=float(schedule["min_lr"]),
+            step_after_epoch=bool(schedule["step_after_epoch"]),
+        )
+        for epoch in range(epochs)
+    ]
 
 
 def set_lr(optimizer: _HasParamGroups, lr: float) -> None:

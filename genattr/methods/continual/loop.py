@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from genattr.data.base import ContinualProtocol
-from genattr.engine.schedule import epoch_lr, linear_scaled_lr, set_lr
+from genattr.engine.schedule import epoch_lrs, linear_scaled_lr, set_lr
 from genattr.methods.base import Report, RunContext
 from genattr.methods.continual.base import ContinualMethod
 from genattr.methods.continual.memory import ExemplarMemory
@@ -135,16 +135,7 @@ class ContinualLoop:
         model, opt, loader = self.acc.prepare(net, opt, loader)
         epochs = int(self.tr["epochs"])
         mean_loss = float("nan")
-        for epoch in range(epochs):
-            lr = epoch_lr(
-                epoch,
-                base_lr=base,
-                epochs=epochs,
-                warmup_epochs=int(sch["warmup_epochs"]),
-                warmup_lr=float(sch["warmup_lr"]),
-                min_lr=float(sch["min_lr"]),
-                step_after_epoch=bool(sch["step_after_epoch"]),
-            )
+        for epoch, lr in enumerate(epoch_lrs(sch, base, epochs)):
             set_lr(opt, lr)
             model.train()
             total, count = torch.zeros((), device=self.acc.device), 0

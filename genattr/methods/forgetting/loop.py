@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
 
 from genattr.data.forgetting import ForgettingProtocol
-from genattr.engine.schedule import epoch_lr, set_lr
+from genattr.engine.schedule import epoch_lrs, set_lr
 from genattr.methods.base import Report, RunContext
 from genattr.methods.forgetting.base import Batch, EpochPlan, ForgettingMethod, TaskData
 from genattr.methods.forgetting.pretrain import (
@@ -60,26 +60,6 @@ def param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> 
 def effective_schedule(trainer_schedule: Mapping[str, Any], method_schedule: Mapping[str, Any]) -> dict[str, Any]:
     """``trainer.schedule`` with the method's own keys on top (``method.schedule``: Retrain's warm-up)."""
     return {**dict(trainer_schedule), **dict(method_schedule)}
-
-
-def epoch_lrs(schedule: dict[str, Any], base_lr: float, epochs: int) -> list[float]:
-    """The LR of every epoch of a task (the schedule is re-created per task, as the original).
-
-    ``step_after_epoch: false`` is GS-LoRA's ``lr_scheduler.step(epoch)`` *before* each epoch
-    (epoch e trains at lr(e)); ``true`` is the LoRAX/DyTox position (after the epoch).
-    """
-    return [
-        epoch_lr(
-            epoch,
-            base_lr=base_lr,
-            epochs=epochs,
-            warmup_epochs=int(schedule["warmup_epochs"]),
-            warmup_lr=float(schedule["warmup_lr"]),
-            min_lr=float(schedule["min_lr"]),
-            step_after_epoch=bool(schedule["step_after_epoch"]),
-        )
-        for epoch in range(epochs)
-    ]
 
 
 def initial_net(model_cfg: dict[str, Any], protocol: ForgettingProtocol, device: torch.device) -> nn.Module:
