@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import timm
-import torch
 from torch import nn
 
 from genattr.utils.errors import ConfigError
@@ -108,7 +107,3 @@ def feature_dim(model: nn.Module) -> int:
     if dim is None:
         raise TypeError(f"{type(model).__name__} has no num_features")
     return int(dim)
-
-
-def state_dict_cpu(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}

@@ -24,7 +24,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from genattr.models.backbones import feature_dim, state_dict_cpu
+from genattr.models.backbones import feature_dim
+from genattr.utils.weights import state_dict_cpu
 
 log = logging.getLogger(__name__)
 

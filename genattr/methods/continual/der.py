@@ -16,7 +16,8 @@ from torch import nn
 
 from genattr.methods.continual.base import ContinualMethod
 from genattr.methods.continual.network import ContinualNet
-from genattr.models.backbones import feature_dim, state_dict_cpu
+from genattr.models.backbones import feature_dim
+from genattr.utils.weights import state_dict_cpu
 
 
 class DERNet(ContinualNet):

@@ -1,27 +1,29 @@
-"""The one task loop shared by every continual method (begin / train / end / evaluate).
+"""The continual family (LoRAX, DER, replay, joint) as stages of the engine: one stage per task.
 
-Per task: grow the network, train on the task's data (+ memory) with Accelerate, herd
-the memory, evaluate every seen task, checkpoint. A checkpoint at each task boundary
-makes the loop resumable at the next task with the same results.
+Per task: grow the network, train on the task's data (+ memory) through Accelerate, herd the memory,
+evaluate every seen task. Restoring, checkpointing (with the RNG state, so a resumed run ends with the
+same results) and stopping are the engine's (:mod:`genattr.engine.stages`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from genattr.data.base import ContinualProtocol
+from genattr.engine.optim import param_groups
+from genattr.engine.progress import track
 from genattr.engine.schedule import epoch_lrs, linear_scaled_lr, set_lr
+from genattr.engine.stages import StagedRun
+from genattr.engine.training import optimizer_step, per_process, prepared
 from genattr.methods.base import Report, RunContext
 from genattr.methods.continual.base import ContinualMethod
 from genattr.methods.continual.memory import ExemplarMemory
@@ -29,7 +31,6 @@ from genattr.methods.continual.network import ContinualNet
 from genattr.metrics.continual import binary_correct, multi_real_correct, summarize
 from genattr.utils.errors import ConfigError
 from genattr.utils.instantiate import build
-from genattr.utils.seed import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +49,11 @@ class _Indexed(Dataset):
         return x, y, i
 
 
-def param_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
-    """timm's rule: no weight decay on biases and 1-D parameters (norms, gates)."""
-    decay = [p for n, p in params if p.ndim > 1 and not n.endswith(".bias")]
-    no_decay = [p for n, p in params if p.ndim <= 1 or n.endswith(".bias")]
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-
-
 class ContinualLoop:
+    """The continual family on the engine: one stage per task (grow, train, herd, evaluate)."""
+
+    stage_kind = "task"
+
     def __init__(self, method: ContinualMethod, protocol: ContinualProtocol, ctx: RunContext) -> None:
         self.method = method
         self.protocol = protocol
@@ -65,6 +63,12 @@ class ContinualLoop:
         n = len(protocol.tasks)
         self.R = np.zeros((n, n))
         self.B = np.zeros((n, n))
+        self.net = method.build_net(build(OmegaConf.create(method.model_cfg))).to(self.acc.device)
+        mem_cfg = method.memory_cfg
+        self.memory = ExemplarMemory(int(mem_cfg["size"]), max_iter=int(mem_cfg["max_iter"]), seed=ctx.seed)
+        self.herd_eval = bool(mem_cfg["herd_eval_mode"])
+        self.t_start = time.perf_counter()
+        self.seen = 0  # training samples this process iterated (results.json: per_process)
 
     # -- inference helpers ------------------------------------------------------------------
     @torch.no_grad()
@@ -132,129 +136,96 @@ class ContinualLoop:
             eps=float(opt_cfg["eps"]),
             betas=tuple(opt_cfg["betas"]),
         )
-        model, opt, loader = self.acc.prepare(net, opt, loader)
         epochs = int(self.tr["epochs"])
         mean_loss = float("nan")
-        for epoch, lr in enumerate(epoch_lrs(sch, base, epochs)):
-            set_lr(opt, lr)
-            model.train()
-            total, count = torch.zeros((), device=self.acc.device), 0
-            bar = tqdm(
-                loader,
-                desc=f"task {t} epoch {epoch + 1}/{epochs}",
-                leave=False,
-                disable=None if self.acc.is_main_process else True,
-            )
-            for x, y in bar:
-                with self.acc.accumulate(model):
-                    with self.acc.autocast():
-                        out = model(x)
-                        loss = self.method.loss(net, out, y)
-                    self.acc.backward(loss)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                total += loss.detach().float()
-                count += 1
-            mean_loss = float(self.acc.reduce(total, "mean")) / max(count, 1)
-            step = t * epochs + epoch
-            self.ctx.tracker.log_metrics({"train/loss": mean_loss, "train/lr": lr}, step=step)
-            log.info(
-                "task %d epoch %d/%d: loss %.4f lr %.3g (%d samples)", t, epoch + 1, epochs, mean_loss, lr, len(data)
-            )
-        self.acc.wait_for_everyone()
-        # restore the module's own forward (prepare() wraps it for mixed precision) and drop
-        # Accelerate's references, so the next task prepares a fresh wrapper
-        self.acc.unwrap_model(model, keep_fp32_wrapper=False)
-        self.acc.free_memory()
+        with prepared(self.acc, net, opt, loader) as p:
+            for epoch, lr in enumerate(epoch_lrs(sch, base, epochs)):
+                set_lr(p.optimizer, lr)
+                p.model.train()
+                total, count = torch.zeros((), device=self.acc.device), 0
+                batches = track(
+                    p.loader,
+                    desc=f"task {t} epoch {epoch + 1}/{epochs}",
+                    unit="batch",
+                    main_process=self.acc.is_main_process,
+                )
+                for x, y in batches:
+                    loss = optimizer_step(self.acc, p, lambda model, x=x, y=y: self.method.loss(net, model(x), y))
+                    total += loss.float()
+                    count += 1
+                    self.seen += len(y)
+                mean_loss = float(self.acc.reduce(total, "mean")) / max(count, 1)
+                step = t * epochs + epoch
+                self.ctx.tracker.log_metrics({"train/loss": mean_loss, "train/lr": lr}, step=step)
+                log.info(
+                    "task %d epoch %d/%d: loss %.4f lr %.3g (%d samples)",
+                    t,
+                    epoch + 1,
+                    epochs,
+                    mean_loss,
+                    lr,
+                    len(data),
+                )
         return mean_loss
 
-    # -- checkpoints --------------------------------------------------------------------------
-    def _save(self, net: ContinualNet, memory: ExemplarMemory, t: int) -> None:
-        meta, tensors = rng_state()
+    # -- the engine's stages: one per task ---------------------------------------------------------
+    def stage_names(self) -> list[str]:
+        return list(self.protocol.task_names)
 
-        def write(folder: Path) -> None:
-            net.save(folder / "model")
-            save_file(tensors, str(folder / "rng.safetensors"))
+    def identity(self) -> dict[str, Any]:
+        return {"task_names": list(self.protocol.task_names)}
 
+    def run_stage(self, t: int) -> dict[str, float]:
+        method, protocol, net, memory = self.method, self.protocol, self.net, self.memory
+        task = protocol.tasks[t]
+        net.begin_task(t, len(task.classes), aux_head=method.aux_weight > 0)
+        net.to(self.acc.device)
+        loss = self.train_task(net, t, memory)
+        herd_set = task.train if not self.herd_eval else task.train.with_transform(task.test.transform)
+        memory.update(
+            herd_set,
+            task.classes,
+            net.total_classes,
+            lambda ds: self._infer(net, ds, "features", train_mode=not self.herd_eval),
+        )
+        self.evaluate(net, t)
+        stage = summarize(self.R[: t + 1, : t + 1])
+        metrics = {f"eval/acc/{protocol.tasks[i].name}": float(self.R[i, t]) for i in range(t + 1)}
+        metrics |= {f"eval/binary_acc/{protocol.tasks[i].name}": float(self.B[i, t]) for i in range(t + 1)}
+        metrics |= {"eval/stage_avg_acc": stage["stage_avg"][-1], "memory/size": float(len(memory))}
+        log.info(
+            "after task %d (%s): loss %.4f, accuracy on seen tasks %s, memory %s",
+            t,
+            task.name,
+            loss,
+            np.round(self.R[: t + 1, t], 2).tolist(),
+            memory.counts(),
+        )
+        return metrics
+
+    def checkpoint(self, t: int) -> tuple[Callable[[Path], None], dict[str, Any]]:
         state = {
-            "task": t,
-            "task_names": self.protocol.task_names,
             "acc_matrix": self.R.tolist(),
             "binary_matrix": self.B.tolist(),
-            "memory": memory.state(),
-            "rng": meta,
-            "mlflow_run_id": getattr(self.ctx.tracker, "run_id", None),
-            "config_fingerprint": self.ctx.config_fingerprint,
+            "memory": self.memory.state(),
         }
-        if self.acc.is_main_process:
-            self.ctx.checkpoints.save(t, write, state)
-        self.acc.wait_for_everyone()
+        return lambda folder: self.net.save(folder / "model"), state
 
-    def _restore(self, net: ContinualNet, memory: ExemplarMemory) -> int:
-        """Load the latest checkpoint if any; return the first task still to run."""
-        found = self.ctx.checkpoints.latest_for(self.ctx.config_fingerprint, self.protocol.task_names)
-        if found is None:
-            return 0
-        folder, state = found
-        last = int(state["task"])
-        for t in range(last + 1):
-            net.begin_task(t, len(self.protocol.tasks[t].classes), aux_head=self.method.aux_weight > 0)
-        net.load(folder / "model")
-        net.to(self.acc.device)
-        memory.load(state["memory"])
+    def restore(self, folder: Path, state: Mapping[str, Any]) -> None:
+        for t in range(int(state["task"]) + 1):
+            self.net.begin_task(t, len(self.protocol.tasks[t].classes), aux_head=self.method.aux_weight > 0)
+        self.net.load(folder / "model")
+        self.net.to(self.acc.device)
+        self.memory.load(state["memory"])
         self.R[:] = np.asarray(state["acc_matrix"])
         self.B[:] = np.asarray(state["binary_matrix"])
-        set_rng_state(state["rng"], load_file(str(folder / "rng.safetensors")))
-        log.warning("resumed from %s: continuing at task %d", folder, last + 1)
-        self.ctx.tracker.log_metrics({"resume/from_task": float(last)}, step=last)
-        return last + 1
 
-    # -- the loop -----------------------------------------------------------------------------
+    def report(self, *, completed: bool, last: int) -> Report:
+        return self._report(completed=completed, upto=last, seconds=time.perf_counter() - self.t_start)
+
     def run(self) -> Report:
-        method, protocol, acc = self.method, self.protocol, self.acc
-        backbone = build(OmegaConf.create(method.model_cfg))
-        net = method.build_net(backbone).to(acc.device)
-        mem_cfg = method.memory_cfg
-        memory = ExemplarMemory(
-            int(mem_cfg.get("size", 0)),
-            max_iter=int(mem_cfg.get("max_iter", 1000)),
-            seed=self.ctx.seed,
-        )
-        herd_eval = bool(mem_cfg.get("herd_eval_mode", False))
-        start = self._restore(net, memory)
-        n = len(protocol.tasks)
-        t_start = time.perf_counter()
-        for t in range(start, n):
-            task = protocol.tasks[t]
-            net.begin_task(t, len(task.classes), aux_head=method.aux_weight > 0)
-            net.to(acc.device)
-            loss = self.train_task(net, t, memory)
-            herd_set = task.train if not herd_eval else task.train.with_transform(task.test.transform)
-            memory.update(
-                herd_set,
-                task.classes,
-                net.total_classes,
-                lambda ds: self._infer(net, ds, "features", train_mode=not herd_eval),
-            )
-            self.evaluate(net, t)
-            stage = summarize(self.R[: t + 1, : t + 1])
-            metrics = {f"eval/acc/{protocol.tasks[i].name}": float(self.R[i, t]) for i in range(t + 1)}
-            metrics |= {f"eval/binary_acc/{protocol.tasks[i].name}": float(self.B[i, t]) for i in range(t + 1)}
-            metrics |= {"eval/stage_avg_acc": stage["stage_avg"][-1], "memory/size": float(len(memory))}
-            self.ctx.tracker.log_metrics(metrics, step=t)
-            log.info(
-                "after task %d (%s): loss %.4f, accuracy on seen tasks %s, memory %s",
-                t,
-                task.name,
-                loss,
-                np.round(self.R[: t + 1, t], 2).tolist(),
-                memory.counts(),
-            )
-            self._save(net, memory, t)
-            if self.ctx.stop_after_task is not None and t == self.ctx.stop_after_task and t < n - 1:
-                log.warning("stop_after_task=%d: stopping after the checkpoint of task %d", t, t)
-                return self._report(completed=False, upto=t, seconds=time.perf_counter() - t_start)
-        return self._report(completed=True, upto=n - 1, seconds=time.perf_counter() - t_start)
+        title = f"{self.method.name} on {self.protocol.name} ({self.protocol.source})"
+        return StagedRun(self, self.ctx, title=title).run()
 
     def _report(self, *, completed: bool, upto: int, seconds: float) -> Report:
         k = upto + 1
@@ -278,6 +249,7 @@ class ContinualLoop:
             "seed": self.ctx.seed,
             "completed": completed,
             "train_seconds_this_process": seconds,
+            "per_process": {"train_samples": per_process(self.acc, self.seen)},
         } | {k2: v for k2, v in self.method.params().items() if v is not None}
         metrics = {
             "final/aa": s["aa"],

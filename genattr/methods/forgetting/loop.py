@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
 
 from genattr.data.forgetting import ForgettingProtocol
+from genattr.engine.optim import param_groups
 from genattr.engine.schedule import epoch_lrs, set_lr
 from genattr.methods.base import Report, RunContext
 from genattr.methods.forgetting.base import Batch, EpochPlan, ForgettingMethod, TaskData
@@ -36,25 +37,14 @@ from genattr.methods.forgetting.pretrain import (
     build_net,
     decode_all,
     effective_model_cfg,
-    state_dict_cpu,
     twin_backbone,
 )
 from genattr.metrics.forgetting import h_mean, pooled_accuracy, zero_group_ratio
 from genattr.utils.errors import ConfigError
 from genattr.utils.seed import rng_state, set_rng_state
+from genattr.utils.weights import state_dict_cpu
 
 log = logging.getLogger(__name__)
-
-
-def param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
-    """timm's ``create_optimizer`` rule: 2-D weights (LoRA included) decay, biases and norms do not."""
-    decay = [p for n, p in named if p.ndim > 1 and not n.endswith(".bias")]
-    rest = [p for n, p in named if not (p.ndim > 1 and not n.endswith(".bias"))]
-    return [
-        g
-        for g in ({"params": rest, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay})
-        if g["params"]
-    ]
 
 
 def effective_schedule(trainer_schedule: Mapping[str, Any], method_schedule: Mapping[str, Any]) -> dict[str, Any]:

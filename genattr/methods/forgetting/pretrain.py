@@ -27,10 +27,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from genattr.engine.optim import param_groups
 from genattr.engine.schedule import epoch_lr, set_lr
 from genattr.methods.base import Report, RunContext
 from genattr.utils.errors import ConfigError
 from genattr.utils.instantiate import build
+from genattr.utils.weights import state_dict_cpu
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +72,6 @@ def decode_all(ds: Dataset) -> TensorDataset:
     """Decode a (small) image dataset into memory once, so epochs do not re-read the files."""
     xs, ys = zip(*(ds[i] for i in range(len(ds))), strict=True)
     return TensorDataset(torch.stack(xs), torch.as_tensor(ys, dtype=torch.long))
-
-
-def state_dict_cpu(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
 PRETRAIN_SCHEDULES = ("step", "epoch")
@@ -116,9 +114,7 @@ def pretrain(
     net.to(device).train()
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(train, batch_size=batch_size, shuffle=True, drop_last=len(train) > batch_size, generator=gen)
-    decay = [p for n, p in net.named_parameters() if p.ndim > 1 and not n.endswith(".bias")]
-    rest = [p for n, p in net.named_parameters() if not (p.ndim > 1 and not n.endswith(".bias"))]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}])
+    opt = torch.optim.AdamW(param_groups(net.named_parameters(), weight_decay))
     total = max(1, epochs * len(loader))
     warm = warmup_epochs * len(loader)
     step, mean = 0, float("nan")

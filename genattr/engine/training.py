@@ -1,0 +1,123 @@
+"""Accelerate around every training loop and every data-parallel sweep, written once.
+
+Every family trains through :func:`prepared` + :func:`optimizer_step`, so the model, optimiser, loader and
+scheduler are always ``prepare``-d together (DDP wrapping and sharding on several processes, the GradScaler under
+fp16, device placement), the forward always runs under ``autocast`` (bf16 / fp16 mean what they say) and
+``backward`` always goes through the accelerator. Sweeps that only read a model (loss sweeps, Fisher, feature
+extraction) shard their items with :func:`shard` and put the pieces back with :func:`gather_rows`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+
+@dataclass
+class Prepared:
+    """What :func:`prepared` hands back: the wrapped objects to train with (``loader`` / ``scheduler`` may be
+    ``None``), and the raw model, whose state is what a checkpoint keeps."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: Any = None
+    scheduler: Any = None
+    raw: nn.Module | None = None
+
+
+@contextmanager
+def prepared(
+    acc: Accelerator,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: Any = None,
+    scheduler: Any = None,
+) -> Iterator[Prepared]:
+    """``acc.prepare`` the objects of one training stage, and undo it when the stage ends.
+
+    On exit every process waits for the others, the model gets its own ``forward`` back (mixed precision wraps
+    it) and Accelerate drops its references, so the next stage prepares fresh objects around the same module.
+    """
+    objs: list[Any] = [model, optimizer]
+    if loader is not None:
+        objs.append(loader)
+    if scheduler is not None:
+        objs.append(scheduler)
+    out = list(acc.prepare(*objs))
+    p = Prepared(model=out[0], optimizer=out[1], raw=model)
+    if loader is not None:
+        p.loader = out[2]
+    if scheduler is not None:
+        p.scheduler = out[-1]
+    try:
+        yield p
+    finally:
+        acc.wait_for_everyone()
+        acc.unwrap_model(p.model, keep_fp32_wrapper=False)
+        acc.free_memory()
+
+
+def optimizer_step(
+    acc: Accelerator,
+    p: Prepared,
+    loss_fn: Callable[[nn.Module], torch.Tensor],
+    *,
+    clip_norm: float | None = None,
+    step_scheduler: bool = True,
+) -> torch.Tensor:
+    """One (micro-)step: forward under autocast, ``acc.backward``, and, when the accumulation window closes,
+    gradient clipping, the optimiser step, the scheduler step and ``zero_grad``. Returns the detached loss.
+
+    ``loss_fn(model)`` runs the forward on the prepared model; with ``trainer.grad_accum`` > 1 Accelerate skips
+    the gradient all-reduce and the optimiser step until the last micro-step of the window.
+    """
+    with acc.accumulate(p.model):
+        with acc.autocast():
+            loss = loss_fn(p.model)
+        acc.backward(loss)
+        if clip_norm is not None and acc.sync_gradients:
+            acc.clip_grad_norm_(p.model.parameters(), float(clip_norm))
+        p.optimizer.step()
+        if step_scheduler and p.scheduler is not None and acc.sync_gradients:
+            p.scheduler.step()
+        p.optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def shard(acc: Accelerator, n: int) -> range:
+    """This process's contiguous share of ``n`` items (the first processes take one more when it does not
+    divide); a data-parallel sweep runs over it and :func:`gather_rows` puts the shares back in order."""
+    world, rank = acc.num_processes, acc.process_index
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
+
+
+def gather_rows(acc: Accelerator, rows: np.ndarray, n: int) -> np.ndarray:
+    """Every process's :func:`shard` of an ``[n, ...]`` array, concatenated in item order on every process."""
+    if acc.num_processes == 1:
+        return rows
+    from accelerate.utils import gather_object
+
+    parts: Sequence[np.ndarray] = gather_object([rows])
+    out = np.concatenate(list(parts), axis=0)
+    if len(out) != n:
+        raise RuntimeError(f"gathered {len(out)} rows, expected {n}")
+    return out
+
+
+def per_process(acc: Accelerator, value: Any) -> list[Any]:
+    """``value`` from every process, in rank order, on every process: what each one did (e.g. how many
+    training samples it saw), for ``results.json`` to show that the work was shared."""
+    if acc.num_processes == 1:
+        return [value]
+    from accelerate.utils import gather_object
+
+    return list(gather_object([value]))
