@@ -8,8 +8,9 @@ CPU size. Keys the user set on the command line always win over the profile.
 
 from __future__ import annotations
 
+import difflib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from genattr.utils.errors import ConfigError
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = PROJECT_ROOT / "conf"
 
 
 def register_resolvers() -> None:
@@ -60,7 +62,7 @@ def apply_twin_profile(cfg: DictConfig, explicit: set[str]) -> list[str]:
     or the config group) was overridden on the command line are left alone, so
     ``python launch.py trainer.epochs=5`` means 5 epochs on the twin too.
     """
-    if cfg.data.get("root") is not None or not cfg.data.get("use_twin_profile", True):
+    if cfg.data.root is not None or not cfg.data.use_twin_profile:
         return []
     profile = cfg.data.get("twin_profile")
     if not profile:
@@ -90,11 +92,49 @@ def apply_twin_profile(cfg: DictConfig, explicit: set[str]) -> list[str]:
 
 def check_compatibility(cfg: DictConfig) -> None:
     """Fail fast, in one sentence, on a method x data combination that makes no sense."""
-    supports = list(cfg.method.get("supports", []))
+    supports = list(cfg.method.supports)
     protocol = cfg.data.get("protocol")
     if protocol not in supports:
         raise ConfigError(
             f"method={cfg.method.name} supports the protocols {supports}, but data={cfg.data.name} "
             f"is a '{protocol}' protocol; choose a method that supports '{protocol}' "
             f"(see conf/method/*.yaml 'supports')."
+        )
+
+
+def _added(override: str) -> str | None:
+    """The dotted key of a ``+key=value`` / ``++key=value`` override, ``None`` for anything else or a group."""
+    if not override.startswith("+") or "=" not in override:
+        return None
+    key = override.split("=", 1)[0].lstrip("+").split("@", 1)[0]
+    if (CONF_DIR / key.replace(".", "/")).is_dir():  # +experiment=..., +local=...: a config group, not a key
+        return None
+    return key
+
+
+def reject_unknown_additions(overrides: Sequence[str], compose: Callable[[list[str]], DictConfig]) -> None:
+    """Refuse ``+key=value`` for a key genattr does not have (``+method.memory.sise=10`` used to run silently
+    with the default memory): every option has its default in the YAML, so a real option is set without ``+``.
+
+    ``compose(overrides)`` builds the config without the additions to look the keys up in. Free-form mappings
+    (``data.files``, ``model.kwargs``: empty in the YAML) take new keys; so does anything that exists already.
+    """
+    adds = [(ov, key) for ov in overrides if (key := _added(ov)) is not None]
+    if not adds:
+        return
+    base = compose([ov for ov in overrides if ov not in {a for a, _ in adds}])
+    for ov, key in adds:
+        parent_key, _, leaf = key.rpartition(".")
+        if OmegaConf.select(base, key, default="<absent>") != "<absent>":
+            continue
+        parent = OmegaConf.select(base, parent_key, default=None) if parent_key else base
+        if isinstance(parent, DictConfig) and len(parent) == 0:
+            continue
+        known = list(parent.keys()) if isinstance(parent, DictConfig) else []
+        close = difflib.get_close_matches(leaf, [str(k) for k in known], n=1)
+        hint = f" (did you mean {parent_key + '.' if parent_key else ''}{close[0]}?)" if close else ""
+        where = f"{parent_key} has no key '{leaf}'" if isinstance(parent, DictConfig) else f"there is no {parent_key}"
+        raise ConfigError(
+            f"{ov}: {where}{hint}; every genattr option already has a default in conf/, so set an existing one "
+            "without '+' (`make cfg` prints them all)."
         )

@@ -14,7 +14,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from genattr.config import apply_twin_profile, check_compatibility, explicit_override_keys, register_resolvers
+from genattr.config import (
+    CONF_DIR,
+    apply_twin_profile,
+    check_compatibility,
+    explicit_override_keys,
+    register_resolvers,
+    reject_unknown_additions,
+)
 from genattr.engine.accelerator import make_accelerator
 from genattr.engine.checkpoint import Checkpointer
 from genattr.methods.base import Report, RunContext
@@ -41,6 +48,17 @@ def _hydra_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task)
 
 
+def _compose(overrides: list[str]) -> DictConfig:
+    """The config for ``overrides``, composed by the running Hydra app or, outside one (tests), by a fresh one."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name="config", overrides=overrides)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
 def config_fingerprint(cfg: DictConfig) -> str:
     data = OmegaConf.to_container(cfg, resolve=True)
     for key in _NOT_RESULT_SHAPING:
@@ -59,7 +77,7 @@ def config_fingerprint(cfg: DictConfig) -> str:
 
 
 def _checkpointer(cfg: DictConfig, out: Path) -> Checkpointer:
-    ckpt = Checkpointer(out / "checkpoints", keep_last=int(cfg.trainer.get("keep_checkpoints", 2)))
+    ckpt = Checkpointer(out / "checkpoints", keep_last=int(cfg.trainer.keep_checkpoints))
     resume = str(cfg.resume)
     if resume == "never":
         if ckpt.completed():
@@ -88,10 +106,11 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Report:
     """Run the experiment described by ``cfg``; return the method's report."""
     register_resolvers()
     overrides = _hydra_overrides() if overrides is None else list(overrides)
+    reject_unknown_additions(overrides, _compose)
     twin_changes = apply_twin_profile(cfg, explicit_override_keys(overrides))
     check_compatibility(cfg)
     out = Path(cfg.paths.output_dir)
-    seed_everything(int(cfg.seed), deterministic=bool(cfg.trainer.get("deterministic", True)))
+    seed_everything(int(cfg.seed), deterministic=bool(cfg.trainer.deterministic))
     accelerator = make_accelerator(cfg.trainer)
     main = accelerator.is_main_process
     checkpoints = _checkpointer(cfg, out) if main else Checkpointer(out / "checkpoints")

@@ -94,3 +94,20 @@ def test_twin_profile_not_applied_to_real_data(compose_cfg, tmp_path):
     cfg = compose_cfg([f"data.root={tmp_path}"])
     assert apply_twin_profile(cfg, set()) == []
     assert cfg.model.name == "convit_base" and cfg.trainer.epochs == 50
+
+
+def test_a_plus_override_of_an_unknown_key_is_refused_with_a_suggestion(tmp_path):
+    """``+method.memory.sise=10`` used to run LoRAX with the default memory; every option has a YAML default."""
+    from genattr.config import reject_unknown_additions
+    from genattr.run import _compose
+
+    with pytest.raises(ConfigError, match=r"method.memory has no key 'sise' \(did you mean method.memory.size\?\)"):
+        reject_unknown_additions(["method=lorax", "+method.memory.sise=10"], _compose)
+    with pytest.raises(ConfigError, match=r"\+trainer.epochz=3: trainer has no key 'epochz'"):
+        reject_unknown_additions(["+trainer.epochz=3"], _compose)
+    with pytest.raises(ConfigError, match="there is no method.nothere"):
+        reject_unknown_additions(["++method.nothere.x=1"], _compose)
+    # an existing key, a free-form mapping (empty in the YAML) and a config group are fine
+    reject_unknown_additions(["+method.memory.size=10", "++trainer.epochs=2"], _compose)
+    reject_unknown_additions(["method=unlearn", "data=mscoco", "+data.files.null_text_embedding=n.npy"], _compose)
+    reject_unknown_additions(["+experiment=lorax_cddb_hard"], _compose)

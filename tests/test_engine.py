@@ -92,7 +92,7 @@ def test_single_task_slurm_job_opens_no_process_group(monkeypatch):
     _as_slurm_task(monkeypatch, "4243", rank=0, ntasks=1)
     assert export_torch_distributed_env() == {}
     assert "LOCAL_RANK" not in os.environ and "MASTER_PORT" not in os.environ
-    acc = make_accelerator({"cpu": True})
+    acc = make_accelerator({"cpu": True, "mixed_precision": "no", "grad_accum": 1})
     try:
         assert acc.num_processes == 1 and not torch.distributed.is_initialized()
     finally:

@@ -36,6 +36,14 @@ def test_missing_data_root_is_one_clear_sentence(tmp_path):
     assert "Traceback" not in err
 
 
+def test_a_plus_typo_is_a_clear_error_before_anything_runs(tmp_path):
+    proc = _launch(*TINY, "+method.memory.sise=10", tmp_path=tmp_path, timeout=120)
+    assert proc.returncode == 1
+    err = proc.stdout + proc.stderr
+    assert "+method.memory.sise=10: method.memory has no key 'sise' (did you mean method.memory.size?)" in err
+    assert "Traceback" not in err and not (tmp_path / "run" / "results.json").exists()
+
+
 def test_fp16_on_cpu_is_a_clear_error(tmp_path):
     proc = _launch(*TINY, "trainer.mixed_precision=fp16", tmp_path=tmp_path)
     assert proc.returncode == 1

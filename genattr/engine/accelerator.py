@@ -15,14 +15,15 @@ PRECISIONS = ("no", "fp16", "bf16")
 
 
 def make_accelerator(trainer: Mapping[str, Any]) -> Accelerator:
+    """The run's Accelerator from ``trainer.{mixed_precision, cpu, grad_accum}`` (every trainer option has them)."""
     export_torch_distributed_env()
-    mp = str(trainer.get("mixed_precision", "no"))
+    mp = str(trainer["mixed_precision"])
     if mp not in PRECISIONS:
         raise ConfigError(f"trainer.mixed_precision={mp} is unknown; choose one of {list(PRECISIONS)}.")
-    cpu = bool(trainer.get("cpu", False)) or not torch.cuda.is_available()
+    cpu = bool(trainer["cpu"]) or not torch.cuda.is_available()
     if mp == "fp16" and cpu:
         raise ConfigError(
             "trainer.mixed_precision=fp16 needs a CUDA GPU and none is in use; "
             "set trainer.mixed_precision=no (or bf16) to run on CPU."
         )
-    return Accelerator(cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=int(trainer.get("grad_accum", 1)))
+    return Accelerator(cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=int(trainer["grad_accum"]))

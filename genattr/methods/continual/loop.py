@@ -126,7 +126,7 @@ class ContinualLoop:
         )
         opt_cfg, sch = self.tr["optimizer"], self.tr["schedule"]
         base = float(opt_cfg["lr"] if t == 0 else opt_cfg["incremental_lr"])
-        if opt_cfg.get("scale_lr", True):
+        if opt_cfg["scale_lr"]:
             base = linear_scaled_lr(base, global_bs, 1)
         trainable = {id(p) for p in net.trainable_parameters()}
         named = [(n, p) for n, p in net.named_parameters() if id(p) in trainable]
