@@ -28,6 +28,7 @@ from genattr.methods.base import Report, RunContext
 from genattr.tracking import sweep
 from genattr.tracking.base import NullTracker, Tracker
 from genattr.tracking.mlflow import flatten_params
+from genattr.tracking.spool import SPOOL_FILE
 from genattr.utils.errors import ConfigError
 from genattr.utils.git import git_info
 from genattr.utils.instantiate import build
@@ -130,6 +131,8 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Report:
         **git_info(cfg.paths.root_dir),
     } | {f"tag.{t}": "true" for t in cfg.get("tags") or []}
     run_id = found[1].get("mlflow_run_id") if found else None
+    if main:
+        tracker.attach_spool(out / SPOOL_FILE)  # an MLflow outage spools here instead of failing the run
     parent = _parent_run(tracker)
     tags |= _cluster_tags(accelerator.num_processes)
     tracker.start(
@@ -176,6 +179,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Report:
         raise
     tracker.end("FINISHED" if report.completed else "KILLED")
     if main:
+        _record_run_id(out, tracker)
         print(report.summary)
         print(f"results: {out / 'results.json'}")
         print(tracker.describe())
@@ -218,6 +222,14 @@ def _write_run_info(
         "slurm_restart_count": int(tags.get("slurm_restart_count", 0)),
     }
     atomic_write_json(out / sweep.RUN_INFO_FILE, info)
+
+
+def _record_run_id(out: Path, tracker: Tracker) -> None:
+    """A run created only after an outage gets its MLflow id into ``run_info.json`` at the end."""
+    path = out / sweep.RUN_INFO_FILE
+    info = json.loads(path.read_text()) if path.is_file() else {}
+    if tracker.run_id is not None and info.get("mlflow_run_id") != tracker.run_id:
+        atomic_write_json(path, {**info, "mlflow_run_id": tracker.run_id})
 
 
 def _write_outputs(report: Report, out: Path, tracker: Tracker) -> None:

@@ -19,11 +19,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def mlflow_server(folder: Path, workers: int = 1, timeout: float = 120) -> Iterator[str]:
-    """Start ``mlflow server`` (SQLite backend, proxied artifact store) and yield its URI."""
-    port = free_port()
+def mlflow_server(folder: Path, workers: int = 1, timeout: float = 120, port: int | None = None) -> Iterator[str]:
+    """Start ``mlflow server`` (SQLite backend, proxied artifact store) and yield its URI; the same ``folder`` and
+    ``port`` again bring the same server back (an outage test stops and restarts it)."""
+    port = port or free_port()
     folder.mkdir(parents=True, exist_ok=True)
-    log = open(folder / "server.log", "w")  # noqa: SIM115 - closed below
+    log = open(folder / "server.log", "a")  # noqa: SIM115 - closed below
     cmd = [
         sys.executable,
         "-m",

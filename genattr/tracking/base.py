@@ -35,6 +35,10 @@ class Tracker(Protocol):
         """
         ...
 
+    def attach_spool(self, path: str | Path) -> None:
+        """Keep calls the backend cannot take now in ``path`` (in the run's folder) and replay them later."""
+        ...
+
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log numeric metrics at ``step`` (the task index for per-task metrics)."""
         ...
@@ -75,6 +79,9 @@ class NullTracker:
         """Echo a resumed run id so checkpoints keep it; otherwise there is no run."""
         self.run_id = run_id
         return run_id
+
+    def attach_spool(self, path: str | Path) -> None:
+        """Nothing is ever sent, so nothing waits."""
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Discard metrics."""

@@ -10,6 +10,7 @@ metrics are converted to floats here so nothing is silently dropped; and MLflow 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from genattr.tracking.base import RUN_STATUSES
+from genattr.tracking.spool import Spool, is_transient
 from genattr.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -157,6 +159,12 @@ class MLflowTracker:
     database. Nothing is opened until ``start``/``ensure_experiment``, so building the
     object from config is free. With a sqlite URI and no ``artifact_location``,
     artifacts go next to the database (``<db dir>/artifacts``) instead of ``./mlruns``.
+
+    An outage never stops training: every call is retried ``retries`` times with exponential
+    backoff from ``backoff_s``; one that still fails with a transient error goes, with every
+    later call, into a spool (:mod:`genattr.tracking.spool`, a file in the run's folder once
+    :meth:`attach_spool` names it), which is replayed in order as soon as the server answers
+    again, and once more at :meth:`end` for up to ``outage_patience_s`` seconds.
     """
 
     def __init__(
@@ -166,6 +174,10 @@ class MLflowTracker:
         artifact_location: str | None = None,
         enabled: bool = True,
         log_system_metrics: bool = False,
+        retries: int = 2,
+        backoff_s: float = 1.0,
+        outage_patience_s: float = 600.0,
+        request_timeout_s: float = 30.0,
     ) -> None:
         """Validate the URI eagerly so a bad config fails before training starts."""
         self.tracking_uri = check_tracking_uri(tracking_uri)
@@ -188,6 +200,12 @@ class MLflowTracker:
         self.experiment_id: str | None = None
         self._client: MlflowClient | None = None
         self._monitor: Any = None
+        self.retries, self.backoff_s = int(retries), float(backoff_s)
+        self.outage_patience_s, self.request_timeout_s = float(outage_patience_s), float(request_timeout_s)
+        self.spool = Spool()
+        self._outage_since: float | None = None
+        self._next_flush = 0.0
+        self._flush_wait = self.backoff_s
 
     @property
     def client(self) -> MlflowClient:
@@ -195,6 +213,10 @@ class MLflowTracker:
         if self._client is None:
             if self._db_path is not None:
                 Path(self._db_path).parent.mkdir(parents=True, exist_ok=True)
+            if urlparse(self.tracking_uri).scheme in ("http", "https"):
+                # MLflow's own retries would block a training step for minutes during an outage; ours spool
+                os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+                os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(self.request_timeout_s)))
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
 
@@ -239,6 +261,16 @@ class MLflowTracker:
             raise RuntimeError("MLflowTracker.start() must be called before logging")
         return self.run_id
 
+    # -- the calls, each through the spool ----------------------------------------------------------
+    def attach_spool(self, path: str | Path) -> None:
+        """Keep undelivered calls in ``path`` (the run's folder), replaying what an earlier process left there."""
+        earlier = Spool(path)
+        for op in self.spool.ops:
+            earlier.append(op)
+        self.spool = earlier
+        if len(self.spool):
+            log.warning("%d tracking calls of an earlier attempt wait in %s; replaying them", len(self.spool), path)
+
     def start(
         self,
         *,
@@ -248,25 +280,34 @@ class MLflowTracker:
         run_id: str | None = None,
         parent_run_id: str | None = None,
     ) -> str | None:
-        """Create a run or resume ``run_id``; params may be nested (they are flattened)."""
+        """Create a run or resume ``run_id``; params may be nested (they are flattened).
+
+        With the server down the run is created when it comes back (``run_id`` stays ``None`` until then).
+        """
         if not self.enabled:
             return None
-        experiment_id = self.ensure_experiment()
         all_tags = {k: str(v) for k, v in tags.items()}
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
-        flat = flatten_params(params)
-        if run_id is None:
-            tags_with_context = {**_context_tags(), **all_tags}
-            run = self.client.create_run(experiment_id or "0", tags=tags_with_context, run_name=run_name)
-            self.run_id = run.info.run_id
-        else:
-            flat = self._resume(run_id, flat)
-            self._log_batch(tags=[RunTag(k, v) for k, v in all_tags.items()])
-        self._log_batch(params=[Param(k, v) for k, v in flat.items()])
-        if self.log_system_metrics:
+        op = {"op": "start", "run_name": run_name, "tags": all_tags, "params": flatten_params(params), "run_id": run_id}
+        if len(self.spool) and self.spool.ops[0]["op"] == "start":
+            # an earlier attempt never reached the server: this start opens the run its spooled calls belong to
+            self.spool.ops[0] = op
+            self.spool.drop_first(0)
+        self._call(op)
+        if self.log_system_metrics and self.run_id is not None:
             self._start_system_metrics(resume=run_id is not None)
         return self.run_id
+
+    def _start_now(self, run_name: str, tags: dict[str, str], params: dict[str, str], run_id: str | None) -> None:
+        experiment_id = self.ensure_experiment()
+        if run_id is None:
+            run = self.client.create_run(experiment_id or "0", tags={**_context_tags(), **tags}, run_name=run_name)
+            self.run_id = run.info.run_id
+        else:
+            params = self._resume(run_id, params)
+            self._log_batch(tags=[RunTag(k, v) for k, v in tags.items()])
+        self._log_batch(params=[Param(k, v) for k, v in params.items()])
 
     def _resume(self, run_id: str, flat: dict[str, str]) -> dict[str, str]:
         """Reopen ``run_id`` and return only the params it does not have yet.
@@ -294,6 +335,91 @@ class MLflowTracker:
         for i in range(0, len(tags), PARAMS_PER_BATCH):
             self.client.log_batch(run_id, tags=list(tags[i : i + PARAMS_PER_BATCH]))
 
+    def _send(self, op: dict[str, Any]) -> None:
+        """Perform one call (first attempt or replay)."""
+        kind = op["op"]
+        if kind == "start":
+            self._start_now(op["run_name"], op["tags"], op["params"], op["run_id"])
+        elif kind == "metrics":
+            entries = [Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in op["metrics"]]
+            for i in range(0, len(entries), METRICS_PER_BATCH):
+                self.client.log_batch(self._require_run(), metrics=entries[i : i + METRICS_PER_BATCH])
+        elif kind == "tags":
+            self._log_batch(tags=[RunTag(k, v) for k, v in op["tags"].items()])
+        elif kind == "artifact":
+            local = Path(op["path"])
+            if local.is_dir():
+                self.client.log_artifacts(self._require_run(), str(local), op["artifact_path"])
+            else:
+                self.client.log_artifact(self._require_run(), str(local), op["artifact_path"])
+        elif kind == "dict":
+            self.client.log_dict(self._require_run(), op["obj"], op["artifact_file"])
+        elif kind == "end":
+            self.client.set_terminated(self._require_run(), status=op["status"])
+        else:
+            raise ValueError(f"unknown tracking call {kind!r} in the spool")
+
+    def _call(self, op: dict[str, Any]) -> None:
+        """Send ``op`` now (retrying transient failures), or spool it behind earlier undelivered calls."""
+        if len(self.spool) and not self.flush():
+            self.spool.append(op)
+            return
+        for attempt in range(self.retries + 1):
+            try:
+                self._send(op)
+                return
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                if attempt == self.retries:
+                    self._went_down(exc)
+                    self.spool.append(op)
+                    return
+                time.sleep(self.backoff_s * 2**attempt)
+
+    def _went_down(self, exc: BaseException) -> None:
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            where = self.spool.path or "memory"
+            log.warning(
+                "MLflow at %s is unreachable (%s); training goes on and tracking calls wait in %s until it is back",
+                self.tracking_uri,
+                str(exc).splitlines()[0][:200],
+                where,
+            )
+        self._next_flush = time.monotonic() + self._flush_wait
+        self._flush_wait = min(self._flush_wait * 2, 60.0)
+
+    def flush(self, patience_s: float = 0.0) -> bool:
+        """Replay the spooled calls in order; wait up to ``patience_s`` for the server. True when none is left."""
+        deadline = time.monotonic() + patience_s
+        while len(self.spool):
+            now = time.monotonic()
+            if now < self._next_flush:
+                if now >= deadline:
+                    return False
+                time.sleep(min(self._next_flush, deadline) - now)
+                continue
+            op = self.spool.ops[0]
+            try:
+                self._send(op)
+            except Exception as exc:
+                if not is_transient(exc):
+                    log.error("spooled tracking call %s failed for good and is dropped: %s", op["op"], exc)
+                    self.spool.drop_first(1)
+                    continue
+                self._went_down(exc)
+                continue
+            self.spool.drop_first(1)
+        if self._outage_since is not None:
+            log.warning(
+                "MLflow at %s answers again after %.0f s; every spooled call was delivered",
+                self.tracking_uri,
+                time.monotonic() - self._outage_since,
+            )
+            self._outage_since, self._flush_wait = None, self.backoff_s
+        return True
+
     def _start_system_metrics(self, resume: bool) -> None:
         """CPU/GPU/disk sampling thread; a missing optional dependency only warns."""
         try:
@@ -315,17 +441,15 @@ class MLflowTracker:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Add tags after start (e.g. the SLURM job id known only later)."""
         if self.enabled:
-            self._log_batch(tags=[RunTag(k, str(v)) for k, v in tags.items()])
+            self._call({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log metrics at ``step``; values are converted to float, NaN is allowed."""
         if not self.enabled:
             return
-        run_id = self._require_run()
         ts = int(time.time() * 1000)
-        entries = [Metric(k, to_float(k, v), ts, step or 0) for k, v in metrics.items()]
-        for i in range(0, len(entries), METRICS_PER_BATCH):
-            self.client.log_batch(run_id, metrics=entries[i : i + METRICS_PER_BATCH])
+        entries = [[k, to_float(k, v), ts, step or 0] for k, v in metrics.items()]
+        self._call({"op": "metrics", "metrics": entries})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Upload a file, or a folder's contents (e.g. ``.hydra/``), under ``artifact_path``."""
@@ -334,31 +458,43 @@ class MLflowTracker:
         local = Path(path)
         if not local.exists():
             raise FileNotFoundError(f"artifact {local} does not exist")
-        if local.is_dir():
-            self.client.log_artifacts(self._require_run(), str(local), artifact_path)
-        else:
-            self.client.log_artifact(self._require_run(), str(local), artifact_path)
+        self._call({"op": "artifact", "path": str(local.resolve()), "artifact_path": artifact_path})
 
     def log_dict(self, obj: dict[str, Any], artifact_file: str) -> None:
         """Store ``obj`` as JSON or YAML depending on ``artifact_file``'s extension."""
         if self.enabled:
-            self.client.log_dict(self._require_run(), obj, artifact_file)
+            self._call({"op": "dict", "obj": obj, "artifact_file": artifact_file})
 
     def end(self, status: str = "FINISHED") -> None:
-        """Stop system metrics and mark the run terminated; safe to call twice."""
+        """Stop system metrics and mark the run terminated, waiting up to ``outage_patience_s`` for a server that
+        is down; what still cannot be delivered stays in the spool, with the command that replays it."""
         if status not in RUN_STATUSES:
             raise ValueError(f"status must be one of {RUN_STATUSES}, got {status!r}")
-        if not self.enabled or self.run_id is None:
+        if not self.enabled or (self.run_id is None and not len(self.spool)):
             return
         if self._monitor is not None:
             self._monitor.finish()
             self._monitor = None
-        self.client.set_terminated(self.run_id, status=status)
+        self._call({"op": "end", "status": status})
+        # a finished run waits for the server; a killed one (preemption gives it seconds) leaves the rest to its
+        # resumed attempt, which replays the spool first
+        patience = self.outage_patience_s if status == "FINISHED" else 0.0
+        if len(self.spool) and not self.flush(patience):
+            log.error(
+                "MLflow at %s stayed unreachable; %d tracking calls are kept in %s: once the server is up, "
+                "`python -m genattr.tracking.replay %s` delivers them (resuming the run does too)",
+                self.tracking_uri,
+                len(self.spool),
+                self.spool.path,
+                self.spool.path.parent if self.spool.path else "<run dir>",
+            )
 
     def describe(self) -> str:
         """Where the run is and how to open it, for the job log and the sweep summary."""
         if not self.enabled:
             return "MLflow tracking disabled in this process (non-zero rank)"
+        if len(self.spool):
+            return f"MLflow at {self.tracking_uri} unreachable: {len(self.spool)} calls wait in {self.spool.path}"
         where = (
             f"MLflow run {self.run_id} in experiment {self.experiment!r} "
             f"(id {self.experiment_id}) at {self.tracking_uri}"
