@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import compose_config
+from omegaconf import OmegaConf
 from sklearn import metrics as skm
 
 from genattr.config import check_compatibility
-from genattr.methods.detection.detector import WindowLoop
+from genattr.methods.detection.detector import one_cycle, sgd
 from genattr.metrics.detection import auroc, benchmark_score, roc_curve, thresholded
 from genattr.models.detectors import build_detector
 from genattr.run import run
@@ -29,15 +30,20 @@ def test_unknown_or_unsuffixed_names_are_errors_that_say_how_to_list_names() -> 
         build_detector(name="resnet18", pretrained=False)
 
 
-def test_probe_keeps_the_backbone_frozen_in_eval_mode_and_out_of_optimizer_and_checkpoint() -> None:
+def _optimizer(compose_cfg, det: torch.nn.Module, steps: int, *overrides: str) -> tuple:
+    """The detector's SGD + OneCycleLR as ``conf/trainer/detector.yaml`` sets them."""
+    tr = compose_cfg(["method=detector", "data=aigenbench", *overrides]).trainer
+    opt = sgd(det, tr.optimizer)
+    return opt, one_cycle(opt, steps, max_lr=tr.optimizer.lr, schedule=tr.schedule)
+
+
+def test_probe_keeps_the_backbone_frozen_in_eval_mode_and_out_of_optimizer_and_checkpoint(compose_cfg) -> None:
     torch.manual_seed(0)
     det = build_detector(name="test_resnet_probe", pretrained=False, input_size=32)
     before = {k: v.clone() for k, v in det.backbone.state_dict().items()}
     det.train()
     assert not det.backbone.training and det.head.training
-    loop = WindowLoop.__new__(WindowLoop)
-    loop.method = type("M", (), {"trainer": {"optimizer": {"lr": 0.5}, "schedule": {}}})()
-    opt, sched = loop._optimizer(det, steps=3)
+    opt, sched = _optimizer(compose_cfg, det, 3, "trainer.optimizer.lr=0.5")
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     assert in_opt == {id(p) for p in det.head.parameters()}
     for _ in range(3):
@@ -74,11 +80,9 @@ def test_paper_backbones_have_the_published_feature_sizes() -> None:
     assert dino.head.in_features == 1024 and clip.head.in_features == 768 and rn50.head.in_features == 1024
 
 
-def test_onecycle_cycles_momentum_and_peaks_at_the_lr() -> None:
+def test_onecycle_cycles_momentum_and_peaks_at_the_lr(compose_cfg) -> None:
     det = build_detector(name="test_resnet_tune", pretrained=False)
-    loop = WindowLoop.__new__(WindowLoop)
-    loop.method = type("M", (), {"trainer": {"optimizer": {"lr": 1e-3}, "schedule": {}}})()
-    opt, sched = loop._optimizer(det, steps=100)
+    opt, sched = _optimizer(compose_cfg, det, 100)
     lrs, moms = [], []
     for _ in range(100):
         lrs.append(opt.param_groups[0]["lr"])
@@ -147,11 +151,13 @@ def test_detector_configs_compose_with_the_paper_recipe(compose_cfg, model: str)
     check_compatibility(cfg)
 
 
-def test_train_variants_flag_is_checked() -> None:
+def test_train_variants_flag_is_checked(compose_cfg) -> None:
     from genattr.methods.detection.detector import SlidingWindowDetector
 
+    method = OmegaConf.to_container(compose_cfg(["method=detector", "data=aigenbench"]).method)
+    method = {k: v for k, v in method.items() if k != "_target_"} | {"train_variants": "window0"}
     with pytest.raises(ConfigError, match="method.train_variants='window0'"):
-        SlidingWindowDetector(name="detector", model={}, trainer={}, train_variants="window0")
+        SlidingWindowDetector(**method, model={}, trainer={})
 
 
 def test_default_detector_is_dinov2_and_protocols_are_checked(compose_cfg) -> None:
@@ -208,7 +214,11 @@ def test_detector_learns_the_twin_and_scores_as_defined(full_run) -> None:
     assert auroc(npz["fused_labels"], npz["fused_scores"]) == pytest.approx(res["per_window"][0]["all"]["auroc"])
     for plot in ("roc_next_period.png", "roc_final_all.png", "auroc_window_x_generator.png"):
         assert (folder / "plots" / plot).stat().st_size > 0
-    assert (folder / "checkpoints" / "task_002" / "done").is_file()
+    last = folder / "checkpoints" / "task_002"  # the engine's folder: complete once renamed into place
+    assert (last / "model.safetensors").is_file()
+    state = json.loads((last / "state.json").read_text())
+    assert state["kind"] == "window" and state["identity"] == {"windows": res["windows"]}
+    assert [w["window"] for w in state["per_window"]] == [0, 1, 2] and state["global_step"] > 0
 
 
 @pytest.mark.slow
