@@ -186,15 +186,18 @@ def test_the_accelerate_guard_catches_a_loop_that_bypasses_accelerate():
     acc = Accelerator(cpu=True, mixed_precision="bf16")
     model = nn.Sequential(nn.Linear(3, 1))  # prepare() casts the top module's own outputs back to fp32
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with accelerate_guard():
+    with accelerate_guard(everywhere=True):
         with pytest.raises(AssertionError, match="outside Accelerator.backward"):
             model(torch.randn(2, 3)).sum().backward()
         with pytest.raises(AssertionError, match="no prepared model"):
             acc.backward(model(torch.randn(2, 3)).sum())
         with pytest.raises(AssertionError, match="never prepared"):
             opt.step()
-    with accelerate_guard() as guard:
+    with accelerate_guard(everywhere=True) as guard:
         with prepared(acc, model, opt) as p:
             optimizer_step(acc, p, lambda m: m(torch.randn(2, 3)).float().sum())
     assert guard.backwards == 1 and guard.steps == 1 and guard.train_dtypes == [torch.bfloat16]
+    with accelerate_guard() as guard:  # by default only the engine's stages are checked (not twin building)
+        model(torch.randn(2, 3)).sum().backward()
+        opt.step()
     model(torch.randn(2, 3)).sum().backward()  # outside the guard, plain torch again

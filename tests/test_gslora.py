@@ -501,14 +501,14 @@ def test_scrub_losses_and_smoothing_average():
     xf, yf = data.forget.tensors
     xr, yr = data.remain.tensors
     batch = Batch(xr[:4], yr[:4], xf[:4], yf[:4], phase="max")
-    loss, parts = method.loss(module, batch, 0, 0)
+    loss, parts = method.loss(module, module, batch, 0, 0)
     module.eval()  # no dropout: compare with the hand-written terms
     method.teacher.eval()
-    loss, _ = method.loss(module, batch, 0, 0)
+    loss, _ = method.loss(module, module, batch, 0, 0)
     want = -kd(module(xf[:4], yf[:4])[0], method.teacher(xf[:4], yf[:4])[0], 2.0)
     assert loss.item() == pytest.approx(want.item(), abs=1e-6)  # the average starts equal to the model
     batch = Batch(xr[:4], yr[:4], xf[:4], yf[:4], phase="min")
-    loss, _ = method.loss(module, batch, 0, 1)
+    loss, _ = method.loss(module, module, batch, 0, 1)
     logits, t_logits = module(xr[:4], yr[:4])[0], method.teacher(xr[:4], yr[:4])[0]
     want = 0.99 * torch.nn.functional.cross_entropy(logits, yr[:4]) + 0.001 * kd(logits, t_logits, 2.0)
     assert loss.item() == pytest.approx(want.item(), abs=1e-6)
@@ -581,11 +581,12 @@ def test_der_loss_has_no_ce_on_the_current_remaining_batch(compose_cfg):
     module.eval()
     xf, yf = data.forget.tensors
     xr, yr = data.remain.tensors
-    batch = Batch(xr[:4], yr[:4], xf[:4], yf[:4], extra=(xr[4:8], yr[4:8]))
     state = method.gen.get_state()
-    loss, _ = method.loss(module, batch, 0, 0)
+    yf_new = method.forget_labels(yf[:4])  # drawn on the global batch, before the processes take their rows
     method.gen.set_state(state)
-    yf_new = method.relabel(yf[:4])
+    assert torch.equal(method.relabel(yf[:4]), yf_new) and not torch.equal(yf_new, yf[:4])
+    batch = Batch(xr[:4], yr[:4], xf[:4], yf_new, extra=(xr[4:8], yr[4:8]))
+    loss, _ = method.loss(module, module, batch, 0, 0)
     ce_f = torch.nn.functional.cross_entropy(module(xf[:4], yf_new)[0], yf_new)
     der = (module(xr[:4], yr[:4])[1] - method.teacher(xr[:4], yr[:4])[1]).flatten().norm() ** 2
     ce_next = torch.nn.functional.cross_entropy(module(xr[4:8], yr[4:8])[0], yr[4:8])
@@ -642,13 +643,23 @@ def test_importance_terms_accumulate_over_tasks_as_the_original(compose_cfg):
     assert len(l2.terms) == 1 and l2.terms[0][1] is None  # --online keeps one term; L2's importance is ones
 
 
+def _batch_loop(world: int = 1, rank: int = 0, method=None) -> ForgettingLoop:
+    """A loop with just what drawing batches needs: the trainer settings, the process, the method."""
+    from types import SimpleNamespace
+
+    loop = ForgettingLoop.__new__(ForgettingLoop)
+    loop.tr = {"batch_size": 4, "num_workers": 0, "drop_last": False}
+    loop.acc = SimpleNamespace(num_processes=world, process_index=rank)
+    loop.method = method or SimpleNamespace(forget_labels=lambda y: y)
+    return loop
+
+
 def test_the_loop_runs_each_pass_over_the_set_its_plan_names():
     from torch.utils.data import TensorDataset
 
     from genattr.methods.forgetting.base import EpochPlan
 
-    loop = ForgettingLoop.__new__(ForgettingLoop)
-    loop.tr = {"batch_size": 4, "num_workers": 0, "drop_last": False}
+    loop = _batch_loop()
     remain = TensorDataset(torch.zeros(16, 1), torch.arange(16) % 4 + 10)
     forget = TensorDataset(torch.ones(8, 1), torch.arange(8) % 2)
     cycles = {"forget": loop._cycle(forget, 1), "remain": loop._cycle(remain, 2)}
@@ -666,13 +677,71 @@ def test_the_loop_runs_each_pass_over_the_set_its_plan_names():
         EpochPlan(lr=1.0, over="both")
 
 
+@pytest.mark.parametrize(
+    "entry",
+    [
+        dict(over="union"),
+        dict(over="forget", extra_remain=True),
+        dict(over="remain"),
+        dict(over="remain", paired=False),
+    ],
+)
+def test_every_process_trains_on_its_rows_of_the_same_global_batches(entry):
+    # two processes draw the global batches of one process (same generators), the relabelling baselines' draw
+    # is made on the global batch, and each process keeps a contiguous share of its rows; a batch with fewer
+    # rows than processes (here the last remaining batch, 1 row) is trained whole by both
+    from torch.utils.data import TensorDataset
+
+    from genattr.methods.forgetting.base import EpochPlan
+    from genattr.methods.forgetting.baselines import FullFineTune
+
+    remain = TensorDataset(torch.arange(9.0)[:, None], torch.arange(9) % 4 + 10)
+    forget = TensorDataset(100 + torch.arange(6.0)[:, None], torch.arange(6) % 3)
+    plan = EpochPlan(lr=1.0, **entry)
+
+    def draw(world: int, rank: int) -> list:
+        method = FullFineTune(name="ft", model={}, trainer={})
+        method.n_classes, method.n_forget = 100, 3
+        method.gen.manual_seed(7)
+        loop = _batch_loop(world, rank, method)
+        cycles = {"forget": loop._cycle(forget, 1), "remain": loop._cycle(remain, 2)}
+        return [b for k in range(3) for b in loop._batches(plan, remain, forget, cycles, k)]
+
+    def shared(whole: torch.Tensor, p0: torch.Tensor, p1: torch.Tensor) -> None:
+        if plan.over != "union" and len(whole) == 1:
+            assert torch.equal(p0, whole) and torch.equal(p1, whole)
+        else:
+            assert torch.equal(torch.cat([p0, p1]), whole)
+            assert abs(len(p0) - len(p1)) <= 1 or plan.over == "union"  # a mixed batch is shared out as one
+
+    one, first, second = draw(1, 0), draw(2, 0), draw(2, 1)
+    assert len(one) == len(first) == len(second) > 0
+    for b, b0, b1 in zip(one, first, second, strict=True):
+        for key in ("xr", "yr", "xf", "yf"):
+            shared(getattr(b, key), getattr(b0, key), getattr(b1, key))
+        if b.extra is not None:
+            shared(b.extra[1], b0.extra[1], b1.extra[1])
+    assert any(len(b.yr) == 1 for b in one) or plan.over == "forget"  # the whole-batch rule was exercised
+    if plan.over != "remain" or plan.paired:
+        assert any(not torch.equal(b.yf, forget.tensors[1][(b.xf[:, 0] - 100).long()]) for b in one)  # relabelled
+
+
+def test_gradient_accumulation_is_refused_with_a_sentence():
+    from types import SimpleNamespace
+
+    from genattr.methods.forgetting.base import check_one_step_per_batch
+
+    check_one_step_per_batch(SimpleNamespace(gradient_accumulation_steps=1))
+    with pytest.raises(ConfigError, match="trainer.grad_accum=2"):
+        check_one_step_per_batch(SimpleNamespace(gradient_accumulation_steps=2))
+
+
 def test_training_loaders_keep_the_last_partial_batch_as_the_original():
     """``train_own_forget_cl.py`` builds train_loader_forget / train_loader_remain with ``drop_last=False``."""
     from torch.utils.data import TensorDataset
 
-    loop = ForgettingLoop.__new__(ForgettingLoop)
+    loop = _batch_loop()
     ds = TensorDataset(torch.zeros(10, 1), torch.arange(10))
-    loop.tr = {"batch_size": 4, "num_workers": 0, "drop_last": False}
     assert [len(y) for _, y in loop._loader(ds, 0)] == [4, 4, 2]
     loop.tr["drop_last"] = True
     assert [len(y) for _, y in loop._loader(ds, 0)] == [4, 4]

@@ -6,23 +6,28 @@ start, (2) which parameters train, (3) the passes a task makes over its data (th
 cycled beside them, the original's LwF/DER over the forgotten subset, L2/EWC/MAS over
 the mixed union, SCRUB alternates forget and remain passes), (4) the loss of one step,
 and (5) what happens at task end (merge the adapter). The loop in
-:mod:`genattr.methods.forgetting.loop` owns data, optimiser, schedule, evaluation,
-checkpoints and reports.
+:mod:`genattr.methods.forgetting.loop` owns data, optimiser, schedule, evaluation and
+reports, and runs as a family of the engine (:mod:`genattr.engine.stages`: checkpoints,
+resume, stop); every step goes through Accelerate (:mod:`genattr.engine.training`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from genattr.engine.training import shard
 from genattr.methods.base import Report, RunContext
 from genattr.utils.errors import ConfigError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 @dataclass
@@ -82,6 +87,30 @@ class TaskData:
     batch_size: int
     n_classes: int
     eval_margin: bool
+    #: the run's accelerator (a sweep such as EWC's importance shares its batches out); None = one process
+    accelerator: Accelerator | None = None
+
+
+def check_one_step_per_batch(acc: Accelerator) -> None:
+    """The forgetting recipes step the optimiser after every batch (their evaluation points, LR passes and
+    cycled batches count steps), so gradient accumulation is refused rather than half supported."""
+    if acc.gradient_accumulation_steps != 1:
+        raise ConfigError(
+            f"trainer.grad_accum={acc.gradient_accumulation_steps}: the forgetting methods step after every batch; "
+            "set trainer.grad_accum=1 (raise trainer.batch_size, or use more processes, for a larger batch)."
+        )
+
+
+def process_rows(acc: Accelerator | None, n: int) -> range:
+    """This process's rows of a global batch of ``n``: its :func:`~genattr.engine.training.shard`.
+
+    Every process draws the same global batches (same generators) and trains on its rows, so the steps are
+    those of one process with the same batch size. A batch with fewer rows than processes (a last partial
+    batch) is trained whole by every process: their gradients are equal, so their average is the batch's.
+    """
+    if acc is None or acc.num_processes == 1 or n < acc.num_processes:
+        return range(n)
+    return shard(acc, n)
 
 
 def per_task(values: float | Sequence[float], t: int) -> float:
@@ -140,11 +169,11 @@ class ForgettingMethod:
         self.optimizer = optimizer
         self.weight_decay = None if weight_decay is None else float(weight_decay)
         self.schedule = dict(schedule or {})
-        unknown = set(self.schedule) - set(self.trainer.get("schedule", {}))
+        unknown = set(self.schedule) - set(self.trainer["schedule"]) if self.schedule else set()
         if unknown:
             raise ConfigError(
                 f"method.schedule has keys {sorted(unknown)} that trainer.schedule does not; "
-                f"choose among {sorted(self.trainer.get('schedule', {}))}"
+                f"choose among {sorted(self.trainer['schedule'])}"
             )
         self.bnd = float(bnd)
         self.beta = beta
@@ -171,7 +200,17 @@ class ForgettingMethod:
     def trainable(self, module: nn.Module) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
-    def loss(self, module: nn.Module, batch: Batch, t: int, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def forget_labels(self, yf: torch.Tensor) -> torch.Tensor:
+        """The labels the forgotten images of one global batch train with (the relabelling baselines draw
+        new ones here, before the batch is shared out, so every process sees the same draw)."""
+        return yf
+
+    def loss(
+        self, model: nn.Module, module: nn.Module, batch: Batch, t: int, epoch: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of one step. ``model`` is what the forward passes call (the module as Accelerate
+        prepared it: DDP on several processes, autocast under mixed precision); ``module`` is the trained
+        module itself, whose parameters a penalty reads (the group lasso, L2 anchors, SCRUB-S's average)."""
         raise NotImplementedError
 
     def end_task(self, module: nn.Module, t: int) -> tuple[nn.Module, dict[str, Any]]:

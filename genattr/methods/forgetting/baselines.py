@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from genattr.engine.training import shard
 from genattr.methods.forgetting.base import Batch, EpochPlan, ForgettingMethod, TaskData
 from genattr.utils.errors import ConfigError
 
@@ -43,11 +44,14 @@ class FullFineTune(ForgettingMethod):
     ``relabel: original`` reproduces ``CLDatasetWrapper``: y -> (y + U{1..n}) mod P, and
     (y + 1) mod P where that equals y, i.e. labels in the global ids [0, P) (whatever classes
     those are), redrawn every step; ``remaining`` draws a random remaining class instead (the
-    evident intent).
+    evident intent). The draw is made on the global batch (:meth:`forget_labels`), before the processes
+    take their rows of it.
     """
 
     epoch_over = "union"
     paired = False
+    #: whether the forgotten images train with relabelled targets (SCRUB and Retrain do not relabel)
+    relabels = True
 
     def __init__(self, *, relabel: str = "original", train_head: bool = False, **kw: Any) -> None:
         super().__init__(**kw)
@@ -77,18 +81,24 @@ class FullFineTune(ForgettingMethod):
         pick = torch.randint(0, len(self.remain_ids), yf.shape, generator=self.gen).to(yf.device)
         return self.remain_ids[pick]
 
-    def relabel_ce(self, module: nn.Module, batch: Batch) -> torch.Tensor:
-        """CE (margin logits) on [relabelled forgotten ; remaining]: one mixed batch of the union."""
+    def forget_labels(self, yf: torch.Tensor) -> torch.Tensor:
+        return self.relabel(yf) if self.relabels else yf
+
+    def relabel_ce(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """CE (margin logits) on [relabelled forgotten ; remaining]: one mixed batch of the union
+        (``batch.yf`` already holds the :meth:`forget_labels` draw)."""
         x = torch.cat([batch.xf, batch.xr])
-        y = torch.cat([self.relabel(batch.yf), batch.yr])
-        logits, _ = module(x, y)
+        y = torch.cat([batch.yf, batch.yr])
+        logits, _ = model(x, y)
         return F.cross_entropy(logits, y)
 
     def regulariser(self, module: nn.Module) -> torch.Tensor:
         return next(module.parameters()).new_zeros(())
 
-    def loss(self, module: nn.Module, batch: Batch, t: int, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
-        ce = self.relabel_ce(module, batch)
+    def loss(
+        self, model: nn.Module, module: nn.Module, batch: Batch, t: int, epoch: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        ce = self.relabel_ce(model, batch)
         reg = self.regulariser(module)
         total = ce + reg
         return total, {"ce": ce.item(), "reg": reg.item(), "loss": total.item()}
@@ -142,14 +152,14 @@ class ImportanceL2(FullFineTune):
         classes = [c for c in data.remain_classes if c not in set(p.missing)]
         labels = np.asarray(p.train.labels)
         if data.index == 0:
-            sc = dict(p.info.get("scenario", {}))
-            rng = np.random.default_rng([int(sc.get("subset_seed", 1337)), 0, 1])
+            sc = p.info["scenario"]
+            rng = np.random.default_rng([int(sc["subset_seed"]), 0, 1])
             idx = draw_task_subset(
                 labels,
                 classes,
-                data_ratio=sc.get("data_ratio"),
-                few_shot=sc.get("few_shot"),
-                ratio_over_split=bool(sc.get("ratio_over_split", True)),
+                data_ratio=sc["data_ratio"],
+                few_shot=sc["few_shot"],
+                ratio_over_split=bool(sc["ratio_over_split"]),
                 rng=rng,
             )
         else:
@@ -157,14 +167,18 @@ class ImportanceL2(FullFineTune):
         return p.train.subset(idx)
 
     def estimate(self, net: nn.Module, params: dict[str, nn.Parameter], data: TaskData) -> dict[str, torch.Tensor]:
+        """The importance sweep: per-batch gradients (``torch.autograd.grad``: nothing is trained), the
+        batches shared out among the processes and their sums added up."""
         imp = {n: torch.zeros_like(p) for n, p in params.items()}
         was = net.training
         net.eval()
         gen = torch.Generator().manual_seed(self.run_seed * 7919 + data.index + 31)
         images = self.importance_set(data)
-        workers = int(self.trainer.get("num_workers", 0) or 0)
+        workers = int(self.trainer["num_workers"])
         loader = DataLoader(images, batch_size=data.batch_size, shuffle=True, generator=gen, num_workers=workers)
         n_batches = max(len(loader), 1)
+        acc = data.accelerator
+        mine = range(len(loader)) if acc is None else shard(acc, len(loader))
         log.info(
             "%s: task %d importance from %d remaining images (method.importance_data=%s)",
             self.kind,
@@ -172,19 +186,22 @@ class ImportanceL2(FullFineTune):
             len(images),  # type: ignore[arg-type]
             self.importance_data,
         )
-        for x, y in loader:
+        names = list(params)
+        for b, (x, y) in enumerate(loader):  # every process walks the same shuffled batches and takes its own
+            if b not in mine:
+                continue
             x, y = x.to(data.device), y.to(data.device)
-            net.zero_grad(set_to_none=True)
             logits, _ = net(x, y)
             obj = F.cross_entropy(logits, y) if self.kind == "ewc" else logits.pow(2).mean()
-            obj.backward()
-            for n, p in params.items():
-                if p.grad is not None:
+            grads = torch.autograd.grad(obj, [params[n] for n in names], allow_unused=True)
+            for n, g in zip(names, grads, strict=True):
+                if g is not None:
                     if self.kind == "ewc":
-                        imp[n] += p.grad.detach().pow(2) * len(x) / n_batches
+                        imp[n] += g.detach().pow(2) * len(x) / n_batches
                     else:
-                        imp[n] += p.grad.detach().abs() / n_batches
-        net.zero_grad(set_to_none=True)
+                        imp[n] += g.detach().abs() / n_batches
+        if acc is not None and acc.num_processes > 1:
+            imp = {n: acc.reduce(v, "sum") for n, v in imp.items()}
         net.train(was)
         return imp
 
@@ -303,10 +320,12 @@ class LwF(_Teacher):
         if kd_loss == "original":
             log.warning("LwF: kd_loss=original, the original's distillation term, which is always 0")
 
-    def loss(self, module: nn.Module, batch: Batch, t: int, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
-        yf = self.relabel(batch.yf)
-        logits_f, _ = module(batch.xf, yf)
-        logits_r, _ = module(batch.xr, batch.yr)
+    def loss(
+        self, model: nn.Module, module: nn.Module, batch: Batch, t: int, epoch: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        yf = batch.yf  # relabelled (forget_labels)
+        logits_f, _ = model(batch.xf, yf)
+        logits_r, _ = model(batch.xr, batch.yr)
         with torch.no_grad():
             teacher_r, _ = self.teacher(batch.xr, batch.yr)
         ce_f, ce_r = F.cross_entropy(logits_f, yf), F.cross_entropy(logits_r, batch.yr)
@@ -336,11 +355,13 @@ class DERpp(_Teacher):
         extra = self.lam_plus != 0.0
         return [EpochPlan(lr=float(lr), over="forget", extra_remain=extra) for lr in lrs]
 
-    def loss(self, module: nn.Module, batch: Batch, t: int, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
-        yf = self.relabel(batch.yf)
-        logits_f, _ = module(batch.xf, yf)
+    def loss(
+        self, model: nn.Module, module: nn.Module, batch: Batch, t: int, epoch: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        yf = batch.yf  # relabelled (forget_labels)
+        logits_f, _ = model(batch.xf, yf)
         ce_f = F.cross_entropy(logits_f, yf)
-        _, emb_r = module(batch.xr, batch.yr)
+        _, emb_r = model(batch.xr, batch.yr)
         with torch.no_grad():
             _, teacher_emb = self.teacher(batch.xr, batch.yr)
         der = (emb_r - teacher_emb).pow(2).sum()
@@ -348,7 +369,7 @@ class DERpp(_Teacher):
         parts = {"ce_f": ce_f.item(), "der": der.item()}
         if batch.extra is not None:
             x2, y2 = batch.extra
-            logits2, _ = module(x2, y2)
+            logits2, _ = model(x2, y2)
             ce_next = F.cross_entropy(logits2, y2)
             total = total + self.lam_plus * ce_next
             parts["ce_next"] = ce_next.item()
@@ -372,6 +393,7 @@ class SCRUB(_Teacher):
 
     epoch_over = "remain"  # and "forget" in its max-step passes (see plan)
     paired = False
+    relabels = False
 
     def __init__(
         self,
@@ -433,15 +455,17 @@ class SCRUB(_Teacher):
         dist = sum(torch.linalg.vector_norm(p - self.swa[n]) for n, p in module.named_parameters())
         return self.smoothing * dist
 
-    def loss(self, module: nn.Module, batch: Batch, t: int, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(
+        self, model: nn.Module, module: nn.Module, batch: Batch, t: int, epoch: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         if batch.phase == "max":
-            logits_f, _ = module(batch.xf, batch.yf)
+            logits_f, _ = model(batch.xf, batch.yf)
             with torch.no_grad():
                 teacher_f, _ = self.teacher(batch.xf, batch.yf)
             kl_f = kd(logits_f, teacher_f, self.temperature)
             total = -kl_f + self.smooth(module)
             return total, {"kl_f": kl_f.item(), "loss_max": total.item()}
-        logits_r, _ = module(batch.xr, batch.yr)
+        logits_r, _ = model(batch.xr, batch.yr)
         with torch.no_grad():
             teacher_r, _ = self.teacher(batch.xr, batch.yr)
         ce = F.cross_entropy(logits_r, batch.yr)
@@ -486,6 +510,7 @@ class Retrain(FullFineTune):
 
     epoch_over = "remain"
     paired = False
+    relabels = False
 
     def __init__(self, *, init: str = "auto", **kw: Any) -> None:
         super().__init__(**kw)
@@ -497,7 +522,7 @@ class Retrain(FullFineTune):
     def resolved_init(self) -> str:
         if self.init != "auto":
             return self.init
-        return "reset_ffn" if str(self.model_cfg.get("_target_", "")).endswith("build_imagenet_vit") else "scratch"
+        return "reset_ffn" if str(self.model_cfg["_target_"]).endswith("build_imagenet_vit") else "scratch"
 
     def fresh(self, net: nn.Module, data: TaskData) -> nn.Module:
         from genattr.methods.forgetting.loop import initial_net
@@ -526,8 +551,10 @@ class Retrain(FullFineTune):
     def begin_task(self, net: nn.Module, data: TaskData) -> nn.Module:
         return super().begin_task(self.fresh(net, data), data)
 
-    def loss(self, module: nn.Module, batch: Batch, t: int, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
-        logits, _ = module(batch.xr, batch.yr)
+    def loss(
+        self, model: nn.Module, module: nn.Module, batch: Batch, t: int, epoch: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        logits, _ = model(batch.xr, batch.yr)
         ce = F.cross_entropy(logits, batch.yr)
         return ce, {"ce_r": ce.item(), "loss": ce.item()}
 

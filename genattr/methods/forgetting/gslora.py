@@ -70,20 +70,20 @@ class GSLoRA(ForgettingMethod):
         self,
         *,
         lora: Mapping[str, Any],
-        alpha: float = 1e-4,
-        warmup_alpha: Mapping[str, Any] | None = None,
-        prototype: Mapping[str, Any] | None = None,
-        reinit_a_sqrt50: bool = True,
+        alpha: float,
+        warmup_alpha: Mapping[str, Any],
+        prototype: Mapping[str, Any],
+        reinit_a_sqrt50: bool,
         **kw: Any,
     ) -> None:
         super().__init__(**kw)
         self.lora = dict(lora)
         self.alpha = float(alpha)
-        self.warmup = dict(warmup_alpha or {"enabled": False})
-        self.proto_cfg = dict(prototype or {"enabled": False})
+        self.warmup = dict(warmup_alpha)
+        self.proto_cfg = dict(prototype)
         self.reinit_a_sqrt50 = bool(reinit_a_sqrt50)
-        if int(self.lora.get("r", 8)) < 1:
-            raise ConfigError(f"method.lora.r={self.lora.get('r')} must be >= 1")
+        if int(self.lora["r"]) < 1:
+            raise ConfigError(f"method.lora.r={self.lora['r']} must be >= 1")
         self.protos: torch.Tensor | None = None
         self._lora_params = 0
         log.info(
@@ -97,31 +97,33 @@ class GSLoRA(ForgettingMethod):
 
     def alpha_at(self, epoch: int) -> float:
         """Sparsity warm-up: alpha = 0 for the first ``epochs`` epochs, then ``alpha`` of the warm-up."""
-        if self.warmup.get("enabled"):
-            return 0.0 if epoch < int(self.warmup.get("epochs", 0)) else float(self.warmup.get("alpha", self.alpha))
+        if self.warmup["enabled"]:
+            return 0.0 if epoch < int(self.warmup["epochs"]) else float(self.warmup["alpha"])
         return self.alpha
 
     def begin_task(self, net: nn.Module, data: TaskData) -> nn.Module:
-        if self.proto_cfg.get("enabled"):
+        if self.proto_cfg["enabled"]:
             self.protos = class_prototypes(net, data)
         gain = math.sqrt(50.0) if (self.reinit_a_sqrt50 and data.index > 0) else None
         model = attach_lora(net, self.lora, reinit_a_gain=gain)
         self._lora_params = lora_parameter_count(model)
         return model
 
-    def loss(self, module: nn.Module, batch: Batch, t: int, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
-        logits_r, emb_r = module(batch.xr, batch.yr)
-        logits_f, emb_f = module(batch.xf, batch.yf)
+    def loss(
+        self, model: nn.Module, module: nn.Module, batch: Batch, t: int, epoch: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        logits_r, emb_r = model(batch.xr, batch.yr)
+        logits_f, emb_f = model(batch.xf, batch.yf)
         ce_r = F.cross_entropy(logits_r, batch.yr)
         forget = bounded_forget_loss(logits_f, batch.yf, self.bnd)
         alpha = self.alpha_at(epoch)
-        struct = structure_loss(group_tensors(module))
+        struct = structure_loss(group_tensors(module))  # the peft model's own LoRA factors
         total = ce_r + per_task(self.beta, t) * forget + alpha * struct
         parts = {"ce_r": ce_r.item(), "forget": forget.item(), "structure": struct.item()}
         if self.protos is not None:
             d_f = prototype_distance(emb_f, self.protos[batch.yf])
-            pro = per_task(self.proto_cfg.get("weight", 0.01), t) * F.relu(float(self.proto_cfg.get("bnd", 18)) - d_f)
-            r_weight = float(self.proto_cfg.get("r_weight", 0.0))
+            pro = per_task(self.proto_cfg["weight"], t) * F.relu(float(self.proto_cfg["bnd"]) - d_f)
+            r_weight = float(self.proto_cfg["r_weight"])
             if r_weight:
                 pro = pro + r_weight * prototype_distance(emb_r, self.protos[batch.yr])
             total = total + pro

@@ -1,10 +1,18 @@
-"""The task loop shared by GS-LoRA and the forgetting baselines.
+"""The forgetting family (GS-LoRA and the baselines) as stages of the engine: one stage per task.
 
 Per task: evaluate the task-start model, let the method wrap the network, train on
 paired batches (an epoch runs over the remaining subset; the forgotten subset is cycled
-beside it, as ``engine_cl.py``), let the method finish the task (merge), evaluate, log,
-checkpoint. The checkpoint holds the merged network, the per-task table and the RNG
-state, so a resumed run continues at the next task with the same results.
+beside it, as ``engine_cl.py``), let the method finish the task (merge), evaluate, log.
+Restoring, checkpointing (the merged network, the rows, the pre-trained counts, the
+method's own tensors and the RNG state, so a resumed run ends with the same table) and
+stopping are the engine's (:mod:`genattr.engine.stages`).
+
+Every step goes through Accelerate (:func:`~genattr.engine.training.prepared` +
+:func:`~genattr.engine.training.optimizer_step`): the trained module and its optimiser are
+prepared per task, the forward runs under autocast. Under several processes every process
+draws the same global batches (same seeded generators, the original's order) and trains on
+its rows of each (:func:`~genattr.methods.forgetting.base.process_rows`); evaluations share
+the test split out and add the per-class counts up.
 
 As the original (``engine_cl.py:train_one_epoch`` / ``evaluate``), the test split is also
 evaluated every ``trainer.eval_every`` optimiser steps of a task, and the point with the
@@ -16,8 +24,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,13 +34,23 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorDataset
 
 from genattr.data.forgetting import ForgettingProtocol
 from genattr.engine.optim import param_groups
+from genattr.engine.progress import track
 from genattr.engine.schedule import epoch_lrs, set_lr
+from genattr.engine.stages import StagedRun
+from genattr.engine.training import optimizer_step, per_process, prepared, shard
 from genattr.methods.base import Report, RunContext
-from genattr.methods.forgetting.base import Batch, EpochPlan, ForgettingMethod, TaskData
+from genattr.methods.forgetting.base import (
+    Batch,
+    EpochPlan,
+    ForgettingMethod,
+    TaskData,
+    check_one_step_per_batch,
+    process_rows,
+)
 from genattr.methods.forgetting.pretrain import (
     build_net,
     decode_all,
@@ -41,7 +59,6 @@ from genattr.methods.forgetting.pretrain import (
 )
 from genattr.metrics.forgetting import h_mean, pooled_accuracy, zero_group_ratio
 from genattr.utils.errors import ConfigError
-from genattr.utils.seed import rng_state, set_rng_state
 from genattr.utils.weights import state_dict_cpu
 
 log = logging.getLogger(__name__)
@@ -53,9 +70,13 @@ def effective_schedule(trainer_schedule: Mapping[str, Any], method_schedule: Map
 
 
 def initial_net(model_cfg: dict[str, Any], protocol: ForgettingProtocol, device: torch.device) -> nn.Module:
-    """The pre-trained network every forgetting run starts from (``model.weights`` / ``pretrained`` / twin)."""
+    """The pre-trained network every forgetting run starts from (``model.weights`` / ``pretrained`` / twin).
+
+    The twin's backbone (:func:`~genattr.methods.forgetting.pretrain.twin_backbone`) is part of the synthetic
+    twin: trained once in plain fp32 torch and cached, outside the run's Accelerator.
+    """
     cfg = effective_model_cfg(model_cfg, protocol)
-    has_weights = cfg.get("weights") is not None or bool(cfg.get("pretrained", False))
+    has_weights = cfg["weights"] is not None or bool(cfg.get("pretrained"))  # only some model options have it
     if has_weights:
         net = build_net(cfg, protocol).to(device)
         if protocol.source == "real":
@@ -63,7 +84,7 @@ def initial_net(model_cfg: dict[str, Any], protocol: ForgettingProtocol, device:
 
             check_preprocess(net, protocol.info)
         return net
-    if protocol.source == "twin" and (cfg.get("twin_pretrain") or {}).get("enabled", False):
+    if protocol.source == "twin" and cfg["twin_pretrain"]["enabled"]:
         return twin_backbone(cfg, protocol, device)
     raise ConfigError(
         "forgetting starts from a pre-trained backbone: set model.weights=<file> (make one with "
@@ -111,28 +132,39 @@ class _Split:
         return self.ds if self.tensors is None else TensorDataset(*self.tensors)
 
 
+def _rows(acc: Any, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """This process's rows of tensors that share their first dimension (:func:`process_rows`)."""
+    r = process_rows(acc, len(tensors[0]))
+    return tuple(t[r.start : r.stop] for t in tensors)
+
+
 class ForgettingLoop:
+    """The forgetting family on the engine: one stage per task (evaluate, wrap, train, merge, evaluate)."""
+
+    stage_kind = "task"
+
     def __init__(self, method: ForgettingMethod, protocol: ForgettingProtocol, ctx: RunContext) -> None:
         if getattr(protocol, "kind", None) != "forgetting":
             raise ConfigError(f"method={method.name} needs a forgetting protocol, got {type(protocol).__name__}")
         self.method, self.protocol, self.ctx = method, protocol, ctx
         self.acc = ctx.accelerator
         self.tr = method.trainer
-        preload = bool(self.tr.get("preload", False))
+        check_one_step_per_batch(self.acc)
+        preload = bool(self.tr["preload"])
         self.train = _Split(protocol.train, preload, keep=protocol.train_subset)
         self.test = _Split(protocol.test, preload)
         self.eval_every = int(self.tr["eval_every"])
         # a method's own schedule keys (method.schedule, e.g. Retrain's warm-up) win over trainer.schedule
         self.schedule = effective_schedule(self.tr["schedule"], method.schedule)
         for key, value in method.schedule.items():
-            if self.tr["schedule"].get(key) != value:
+            if self.tr["schedule"][key] != value:
                 log.warning(
                     "method=%s: method.schedule.%s=%s overrides trainer.schedule.%s=%s",
                     method.name,
                     key,
                     value,
                     key,
-                    self.tr["schedule"].get(key),
+                    self.tr["schedule"][key],
                 )
         log.info(
             "forgetting loop: LR schedule stepped %s each epoch (trainer.schedule.step_after_epoch=%s), "
@@ -150,38 +182,48 @@ class ForgettingLoop:
         self.rows: list[dict[str, Any]] = []
         self.pre_correct: np.ndarray | None = None
         self.pre_total: np.ndarray | None = None
-
-    # -- network ------------------------------------------------------------------------------
-    def _initial_net(self) -> nn.Module:
-        return initial_net(self.method.model_cfg, self.protocol, self.acc.device)
+        self.net = initial_net(method.model_cfg, protocol, self.acc.device)
+        self.total_params = sum(p.numel() for p in self.net.parameters())
+        self.t_start = time.perf_counter()
+        self.seen = 0  # training rows this process trained on (results.json: per_process)
 
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, net: nn.Module) -> tuple[np.ndarray, np.ndarray]:
-        """Per-class correct / total counts over the whole test split (one pass)."""
+        """Per-class correct / total counts over the whole test split (one pass, shared out among the
+        processes, the counts added up)."""
         n = self.protocol.n_classes
         correct, total = np.zeros(n), np.zeros(n)
         was = net.training
         net.eval()
+        test = self.test.all()
+        if self.acc.num_processes > 1:
+            mine = shard(self.acc, len(test))  # type: ignore[arg-type]
+            test = Subset(test, mine)
         # its own generator: evaluating mid-task must not move the global RNG that training draws from
         loader = DataLoader(
-            self.test.all(),
-            batch_size=int(self.tr.get("eval_batch_size", 256)),
+            test,
+            batch_size=int(self.tr["eval_batch_size"]),
             shuffle=False,
             generator=torch.Generator(),
         )
         for x, y in loader:
             x, y = x.to(self.acc.device), y.to(self.acc.device)
-            logits, _ = net(x, y if self.method.eval_margin else None)
+            with self.acc.autocast():
+                logits, _ = net(x, y if self.method.eval_margin else None)
             hit = (logits.argmax(1) == y).cpu().numpy()
             yc = y.cpu().numpy()
             np.add.at(correct, yc, hit)
             np.add.at(total, yc, 1)
         net.train(was)
+        if self.acc.num_processes > 1:
+            both = self.acc.reduce(torch.as_tensor(np.stack([correct, total]), device=self.acc.device), "sum")
+            correct, total = both.cpu().numpy()
         return correct, total
 
     # -- training -----------------------------------------------------------------------------
     def _loader(self, ds: Dataset, seed: int) -> DataLoader:
+        """One pass over ``ds`` in global batches of ``trainer.batch_size`` (the same on every process)."""
         bs = int(self.tr["batch_size"])
         gen = torch.Generator().manual_seed(seed)
         return DataLoader(
@@ -189,7 +231,7 @@ class ForgettingLoop:
             batch_size=bs,
             shuffle=True,
             drop_last=bool(self.tr["drop_last"]) and len(ds) > bs,
-            num_workers=int(self.tr.get("num_workers", 0)),
+            num_workers=int(self.tr["num_workers"]),
             generator=gen,
         )
 
@@ -207,20 +249,29 @@ class ForgettingLoop:
         cycles: dict[str, Iterator[tuple[torch.Tensor, torch.Tensor]]],
         seed: int,
     ) -> Iterator[Batch]:
-        """The steps of one pass, on the CPU (see :class:`EpochPlan`)."""
+        """This process's rows of the steps of one pass, on the CPU (see :class:`EpochPlan`).
+
+        The global batches are drawn as on one process; the forgotten labels the method trains with
+        (:meth:`~genattr.methods.forgetting.base.ForgettingMethod.forget_labels`) are drawn on the global
+        batch; then each process keeps its rows (:func:`_rows`).
+        """
+        relabel, acc = self.method.forget_labels, self.acc
         if entry.over == "union":
             for x, y, is_f in self._loader(ConcatDataset([_Tagged(forget, True), _Tagged(remain, False)]), seed):
                 f = torch.as_tensor(is_f, dtype=torch.bool)
+                y = y.clone()
+                y[f] = relabel(y[f])
+                x, y, f = _rows(acc, x, y, f)  # a mixed batch is shared out as one
                 yield Batch(x[~f], y[~f], x[f], y[f], phase=entry.phase)
             return
         main, other = (remain, "forget") if entry.over == "remain" else (forget, "remain")
         for x, y in self._loader(main, seed):
             xo, yo = next(cycles[other]) if entry.paired else (x[:0], y[:0])
             extra = next(cycles["remain"]) if entry.extra_remain else None
-            if entry.over == "remain":
-                yield Batch(x, y, xo, yo, extra, entry.phase)
-            else:
-                yield Batch(xo, yo, x, y, extra, entry.phase)
+            xr, yr, xf, yf = (x, y, xo, yo) if entry.over == "remain" else (xo, yo, x, y)
+            xr, yr = _rows(acc, xr, yr)
+            xf, yf = _rows(acc, xf, relabel(yf))
+            yield Batch(xr, yr, xf, yf, None if extra is None else _rows(acc, *extra), entry.phase)
 
     def _to_device(self, b: Batch) -> Batch:
         dev = self.acc.device
@@ -230,16 +281,16 @@ class ForgettingLoop:
     def optimizer(self, named: list[tuple[str, nn.Parameter]], base: float) -> torch.optim.Optimizer:
         """AdamW with timm's decay rule (the GS-LoRA recipe), or plain Adam (SCRUB: L2 on every parameter)."""
         method, opt_cfg = self.method, self.tr["optimizer"]
-        wd = method.weight_decay if method.weight_decay is not None else float(opt_cfg.get("weight_decay", 0.05))
+        wd = method.weight_decay if method.weight_decay is not None else float(opt_cfg["weight_decay"])
         if method.optimizer == "adam":
             return torch.optim.Adam([p for _, p in named], lr=base, weight_decay=wd)
-        betas = tuple(opt_cfg.get("betas", (0.9, 0.999)))
-        return torch.optim.AdamW(param_groups(named, wd), lr=base, betas=betas)
+        return torch.optim.AdamW(param_groups(named, wd), lr=base, betas=tuple(opt_cfg["betas"]))
 
     def train_task(
         self, module: nn.Module, t: int, remain: Dataset, forget: Dataset, tracker: _BestH | None = None
     ) -> dict[str, float]:
-        method, tr = self.method, self.tr
+        """Train ``module`` for task ``t`` through Accelerate; return the mean loss parts of the last pass."""
+        method, tr, acc = self.method, self.tr, self.acc
         named = method.trainable(module)
         if not named:
             raise ConfigError(f"method={method.name} left no trainable parameter")
@@ -252,134 +303,136 @@ class ForgettingLoop:
         seed = self.ctx.seed * 7919 + t
         # the other subset is cycled beside the pass (engine_cl.py's prefetcher restarts its loader)
         cycles = {"forget": self._cycle(forget, seed + 17), "remain": self._cycle(remain, seed + 23)}
-        parts_sum: dict[str, float] = {}
-        steps = 0
+        means: dict[str, float] = {}
         iteration = 0  # optimiser steps in this task (the original's ``batch``)
-        for k, entry in enumerate(plan):
-            set_lr(opt, entry.lr)
-            module.train()
-            parts_sum, steps = {}, 0
-            for batch in self._batches(entry, remain, forget, cycles, seed + k):
-                loss, parts = method.loss(module, self._to_device(batch), t, k)
-                opt.zero_grad(set_to_none=True)
-                self.acc.backward(loss)
-                opt.step()
-                for key, v in parts.items():
-                    parts_sum[key] = parts_sum.get(key, 0.0) + v
-                steps += 1
-                # the original's check after each step: (batch + 1) % VER_FREQ == 0 and batch != 0
-                due = self.eval_every and (iteration + 1) % self.eval_every == 0 and iteration
-                if tracker is not None and entry.evaluate and due:
-                    tracker.offer(self.evaluate(module), iteration + 1, k + 1)
-                    module.train()
-                iteration += 1
-            method.end_epoch(module, t, k)
-            means = {f"train/{key}": v / max(steps, 1) for key, v in parts_sum.items()}
-            self.ctx.tracker.log_metrics({**means, "train/lr": entry.lr}, step=t * len(plan) + k)
-            log.debug("task %d pass %d/%d (%s): %s", t, k + 1, len(plan), entry.over, means)
-        return {key: v / max(steps, 1) for key, v in parts_sum.items()}
+        with prepared(acc, module, opt) as p:
+            passes = track(
+                list(enumerate(plan)), desc=f"task {t} passes", unit="pass", main_process=acc.is_main_process
+            )
+            for k, entry in passes:
+                set_lr(p.optimizer, entry.lr)
+                p.model.train()
+                parts_sum: dict[str, float] = defaultdict(float)
+                steps = 0
+                for batch in self._batches(entry, remain, forget, cycles, seed + k):
+                    b = self._to_device(batch)
+                    parts: dict[str, float] = {}
 
-    # -- checkpoints ----------------------------------------------------------------------------
-    def _save(self, net: nn.Module, t: int) -> None:
-        meta, tensors = rng_state()
+                    def loss_fn(model: nn.Module, b: Batch = b, k: int = k, parts: dict = parts) -> torch.Tensor:
+                        loss, got = method.loss(model, module, b, t, k)
+                        parts.update(got)
+                        return loss
 
+                    optimizer_step(acc, p, loss_fn)
+                    for key, v in parts.items():
+                        parts_sum[key] += v
+                    steps += 1
+                    self.seen += len(b.yr) + len(b.yf) + (0 if b.extra is None else len(b.extra[1]))
+                    # the original's check after each step: (batch + 1) % VER_FREQ == 0 and batch != 0
+                    due = self.eval_every and (iteration + 1) % self.eval_every == 0 and iteration
+                    if tracker is not None and entry.evaluate and due:
+                        tracker.offer(self.evaluate(module), iteration + 1, k + 1)
+                        p.model.train()
+                    iteration += 1
+                method.end_epoch(module, t, k)
+                means = {key: v / max(steps, 1) for key, v in self._mean_over_processes(parts_sum).items()}
+                logged = {f"train/{key}": v for key, v in means.items()}
+                self.ctx.tracker.log_metrics({**logged, "train/lr": entry.lr}, step=t * len(plan) + k)
+                log.debug("task %d pass %d/%d (%s): %s", t, k + 1, len(plan), entry.over, logged)
+        return means
+
+    def _mean_over_processes(self, sums: Mapping[str, float]) -> dict[str, float]:
+        """Per-process loss sums averaged over the processes (each summed the losses of its rows)."""
+        if self.acc.num_processes == 1 or not sums:
+            return dict(sums)
+        keys = sorted(sums)
+        mean = self.acc.reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64), "mean")
+        return dict(zip(keys, mean.tolist(), strict=True))
+
+    # -- the engine's stages: one per task ------------------------------------------------------
+    def stage_names(self) -> list[str]:
+        return list(self.protocol.task_names)
+
+    def identity(self) -> dict[str, Any]:
+        return {"task_names": list(self.protocol.task_names)}
+
+    def run_stage(self, t: int) -> dict[str, float]:
+        method, protocol = self.method, self.protocol
+        if self.pre_correct is None:  # the pre-trained model, before the first task
+            self.pre_correct, self.pre_total = self.evaluate(self.net)
+        task = protocol.tasks[t]
+        ts = time.perf_counter()
+        c0, n0 = self.evaluate(self.net)
+        remain_idx, forget_idx = protocol.task_subset(t)
+        remain, forget = self.train.take(remain_idx), self.train.take(forget_idx)
+        if len(forget) == 0 or len(remain) == 0:
+            raise ConfigError(f"task {task.name} has no training image to forget or to keep; raise the data budget")
+        data = TaskData(
+            index=t,
+            forget_classes=task.forget,
+            remain_classes=task.remain,
+            remain=remain,
+            forget=forget,
+            device=self.acc.device,
+            batch_size=int(self.tr["batch_size"]),
+            n_classes=protocol.n_classes,
+            eval_margin=method.eval_margin,
+            accelerator=self.acc,
+        )
+        module = method.begin_task(self.net, data)
+        trainable = sum(p.numel() for _, p in method.trainable(module))
+        tracker = _BestH(self, t, (c0, n0))
+        train_parts = self.train_task(module, t, remain, forget, tracker)
+        self.net, stats = method.end_task(module, t)
+        c1, n1 = self.evaluate(self.net)
+        row = self._row(t, (c0, n0), (c1, n1), stats, train_parts, trainable, self.total_params, tracker)
+        row["seconds"] = time.perf_counter() - ts
+        self.rows.append(row)
+        log.info(
+            "task %d (%s): Acc_f %.2f -> %.2f, Acc_r %.2f -> %.2f, Acc_o %.2f, H %.2f%s",
+            t,
+            task.name,
+            row["acc_f_start"],
+            row["acc_f"],
+            row["acc_r_start"],
+            row["acc_r"],
+            row["acc_o"],
+            row["h"],
+            f", zero groups {row['zero_group_ratio']:.2f}" if "zero_group_ratio" in row else "",
+        )
+        return {f"task/{k}": float(v) for k, v in row.items() if isinstance(v, int | float) and np.isfinite(v)}
+
+    def checkpoint(self, t: int) -> tuple[Callable[[Path], None], dict[str, Any]]:
         carried = {k: v.detach().cpu().contiguous() for k, v in self.method.state_tensors().items()}
+        weights = state_dict_cpu(self.net)
 
         def write(folder: Path) -> None:
-            save_file(state_dict_cpu(net), str(folder / "model.safetensors"))
-            save_file(tensors, str(folder / "rng.safetensors"))
+            save_file(weights, str(folder / "model.safetensors"))
             if carried:  # what the method carries across tasks (EWC/MAS/L2 terms, SCRUB-S's average)
                 save_file(carried, str(folder / "method.safetensors"))
 
+        assert self.pre_correct is not None and self.pre_total is not None
         state = {
-            "task": t,
-            "task_names": self.protocol.task_names,
-            "rows": self.rows,
+            "rows": self.rows,  # the per-task table, best-H points included
             "pretrain_correct": self.pre_correct.tolist(),
             "pretrain_total": self.pre_total.tolist(),
-            "rng": meta,
-            "mlflow_run_id": getattr(self.ctx.tracker, "run_id", None),
-            "config_fingerprint": self.ctx.config_fingerprint,
         }
-        if self.acc.is_main_process:
-            self.ctx.checkpoints.save(t, write, state)
-        self.acc.wait_for_everyone()
+        return write, state
 
-    def _restore(self, net: nn.Module) -> int:
-        found = self.ctx.checkpoints.latest_for(self.ctx.config_fingerprint, self.protocol.task_names)
-        if found is None:
-            return 0
-        folder, state = found
-        net.load_state_dict(load_file(str(folder / "model.safetensors")))
+    def restore(self, folder: Path, state: Mapping[str, Any]) -> None:
+        self.net.load_state_dict(load_file(str(folder / "model.safetensors")))
         if (folder / "method.safetensors").is_file():
             self.method.load_state_tensors(load_file(str(folder / "method.safetensors")))
         self.rows = list(state["rows"])
         self.pre_correct = np.asarray(state["pretrain_correct"])
         self.pre_total = np.asarray(state["pretrain_total"])
-        set_rng_state(state["rng"], load_file(str(folder / "rng.safetensors")))
-        log.warning("resumed from %s: continuing at task %d", folder, int(state["task"]) + 1)
-        return int(state["task"]) + 1
 
-    # -- the loop -------------------------------------------------------------------------------
+    def report(self, *, completed: bool, last: int) -> Report:
+        return self._report(completed=completed, seconds=time.perf_counter() - self.t_start)
+
     def run(self) -> Report:
-        method, protocol = self.method, self.protocol
-        net = self._initial_net()
-        start = self._restore(net)
-        if start == 0:
-            self.pre_correct, self.pre_total = self.evaluate(net)
-        total_params = sum(p.numel() for p in net.parameters())
-        n = len(protocol.tasks)
-        t0 = time.perf_counter()
-        for t in range(start, n):
-            task = protocol.tasks[t]
-            ts = time.perf_counter()
-            c0, n0 = self.evaluate(net)
-            remain_idx, forget_idx = protocol.task_subset(t)
-            remain, forget = self.train.take(remain_idx), self.train.take(forget_idx)
-            if len(forget) == 0 or len(remain) == 0:
-                raise ConfigError(f"task {task.name} has no training image to forget or to keep; raise the data budget")
-            data = TaskData(
-                index=t,
-                forget_classes=task.forget,
-                remain_classes=task.remain,
-                remain=remain,
-                forget=forget,
-                device=self.acc.device,
-                batch_size=int(self.tr["batch_size"]),
-                n_classes=protocol.n_classes,
-                eval_margin=method.eval_margin,
-            )
-            module = method.begin_task(net, data)
-            trainable = sum(p.numel() for _, p in method.trainable(module))
-            tracker = _BestH(self, t, (c0, n0))
-            train_parts = self.train_task(module, t, remain, forget, tracker)
-            net, stats = method.end_task(module, t)
-            c1, n1 = self.evaluate(net)
-            row = self._row(t, (c0, n0), (c1, n1), stats, train_parts, trainable, total_params, tracker)
-            row["seconds"] = time.perf_counter() - ts
-            self.rows.append(row)
-            self.ctx.tracker.log_metrics(
-                {f"task/{k}": float(v) for k, v in row.items() if isinstance(v, int | float) and np.isfinite(v)},
-                step=t,
-            )
-            log.info(
-                "task %d (%s): Acc_f %.2f -> %.2f, Acc_r %.2f -> %.2f, Acc_o %.2f, H %.2f%s",
-                t,
-                task.name,
-                row["acc_f_start"],
-                row["acc_f"],
-                row["acc_r_start"],
-                row["acc_r"],
-                row["acc_o"],
-                row["h"],
-                f", zero groups {row['zero_group_ratio']:.2f}" if "zero_group_ratio" in row else "",
-            )
-            self._save(net, t)
-            if self.ctx.stop_after_task is not None and t == self.ctx.stop_after_task and t < n - 1:
-                log.warning("stop_after_task=%d: stopping after the checkpoint of task %d", t, t)
-                return self._report(completed=False, seconds=time.perf_counter() - t0)
-        self.net = net
-        return self._report(completed=True, seconds=time.perf_counter() - t0)
+        title = f"{self.method.name} on {self.protocol.name} ({self.protocol.source})"
+        return StagedRun(self, self.ctx, title=title).run()
 
     def h_reference_acc(self, t: int, before: tuple[np.ndarray, np.ndarray]) -> float:
         """Acc_f the drop is measured from: task start (the original's ``forget_acc_before``) or pre-trained."""
@@ -482,6 +535,7 @@ class ForgettingLoop:
             "schedule": dict(self.schedule),
             "epoch_over": self.method.epoch_over,
             "train_seconds_this_process": seconds,
+            "per_process": {"train_samples": per_process(self.acc, self.seen)},
             **self.method.params(),
         }
         metrics = {}

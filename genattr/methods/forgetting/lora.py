@@ -35,16 +35,11 @@ def ffn_targets(net: nn.Module) -> list[str]:
 def attach_lora(net: nn.Module, lora: Mapping[str, Any], *, reinit_a_gain: float | None = None) -> PeftModel:
     """Wrap ``net`` with a fresh adapter on the FFN linears; everything else is frozen.
 
-    ``reinit_a_gain`` re-draws A with ``kaiming_uniform(a=gain)``: the original re-inits
+    ``lora`` holds ``LoraConfig`` fields (``method.lora``: r, lora_alpha, lora_dropout); a field it leaves
+    out keeps peft's default. ``reinit_a_gain`` re-draws A with ``kaiming_uniform(a=gain)``: the original re-inits
     with a = sqrt(50) at the start of every task after the first (quirk, see the config).
     """
-    cfg = LoraConfig(
-        r=int(lora.get("r", 8)),
-        lora_alpha=float(lora.get("lora_alpha", 1)),
-        lora_dropout=float(lora.get("lora_dropout", 0.0)),
-        bias="none",
-        target_modules=ffn_targets(net),
-    )
+    cfg = LoraConfig(**dict(lora), bias="none", target_modules=ffn_targets(net))
     model = get_peft_model(net, cfg)
     if reinit_a_gain is not None:
         with torch.no_grad():
