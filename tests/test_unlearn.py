@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -20,12 +21,14 @@ from omegaconf import OmegaConf
 
 from genattr.config import apply_twin_profile, check_compatibility, explicit_override_keys
 from genattr.data.mscoco import load_mscoco
+from genattr.engine.training import shard
 from genattr.methods.attribution.losses import loss_sweep, max_over_flips
 from genattr.methods.attribution.retrain_job import PlannedRetrain
 from genattr.methods.attribution.retrain_plan import read_plan
 from genattr.methods.attribution.training import TrainRecipe, train_coupled
 from genattr.methods.attribution.unlearning import (
     diagonal_fisher,
+    fisher_sums,
     restore,
     select_parameters,
     snapshot,
@@ -150,6 +153,27 @@ def test_fisher_by_vmap_equals_the_brute_force_per_sample_loop():
     for n in names:
         assert fast[n].dtype == torch.float64 and fast[n].abs().sum() > 0
         torch.testing.assert_close(fast[n], slow[n], rtol=1e-4, atol=1e-12)
+
+
+def test_fisher_batches_shared_by_two_processes_sum_to_the_one_process_fisher():
+    """What each process of a 2-process run computes: its contiguous half of every pass's batches of the one
+    random stream, each batch exactly as one process computes it; the halves' sums add up to the whole."""
+
+    def process(rank: int) -> SimpleNamespace:  # what engine.training.shard reads of an Accelerator
+        return SimpleNamespace(num_processes=2, process_index=rank)
+
+    m, (lat, txt) = _tiny(), _data(6)
+    names = select_parameters(m.unet, "cross_attn_kv")
+    whole, n = fisher_sums(m, lat, txt, names, epochs=2, batch_size=5, seed=1)
+    halves = [
+        fisher_sums(m, lat, txt, names, epochs=2, batch_size=5, seed=1, share=lambda k, r=r: shard(process(r), k))
+        for r in (0, 1)
+    ]
+    assert n == 2 * 12 and halves[0][1] == 2 * 10 and halves[1][1] == 2 * 2  # 3 batches a pass: 2 + 1
+    for name in names:
+        torch.testing.assert_close(halves[0][0][name] + halves[1][0][name], whole[name], rtol=1e-12, atol=0)
+    fisher = diagonal_fisher(m, lat, txt, names, epochs=2, batch_size=5, seed=1)
+    assert all(torch.equal(fisher[name], (whole[name] / n).cpu()) for name in names)
 
 
 def test_alpha_zero_gives_zero_tau_and_unlearning_raises_the_query_loss_most():
@@ -317,6 +341,28 @@ def test_leave_k_out_smoke_gives_delta_l_delta_g_and_the_reference_is_theta0(smo
     assert (out / "plots" / "delta_l_vs_k.png").is_file()
     plan = json.loads((out / "retrain_plan.json").read_text())  # inline runs write the plan too
     assert [j["uses"] for j in plan["jobs"]] == [["reference|None|0"], ["random|0|4"], ["unlearn|0|4"]]
+
+
+@pytest.mark.slow
+def test_a_run_stopped_among_its_retrains_resumes_to_the_same_evaluation(smoke_lko, tmp_path):
+    """The retrain stages follow the query stages once the scores exist; a run stopped after its first retrain
+    continues with the second (the checkpoint holds the measured jobs) and ends with the uninterrupted numbers."""
+    folder = tmp_path / "r"  # the retrains are in the shared test cache (smoke_lko trained them): read, not trained
+    first = run(compose_config([*SMOKE, "stop_after_task=2"], folder), overrides=SMOKE)
+    state = json.loads((folder / "checkpoints" / "task_002" / "state.json").read_text())
+    assert (
+        not first.completed
+        and state["stage"] == "retrain reference|None|0"
+        and list(state["lko"]) == ["reference|None|0"]
+    )
+    assert state["identity"]["evaluated_queries"] == [0] and state["identity"]["queries"] == [0]
+    second = run(compose_config(SMOKE, folder), overrides=SMOKE)
+    lko, want = second.results["leave_k_out"], smoke_lko[0].results["leave_k_out"]
+    assert second.completed and set(lko["jobs"]) == set(want["jobs"])
+    assert {k: (v["dl"], v["dg"]) for k, v in lko["jobs"].items()} == {
+        k: (v["dl"], v["dg"]) for k, v in want["jobs"].items()
+    }
+    assert lko["table"] == want["table"]
 
 
 @pytest.mark.slow

@@ -27,8 +27,9 @@ from genattr.methods.attribution.features import (
     image_similarity_scores,
     text_similarity_scores,
 )
-from genattr.methods.attribution.leave_k_out import QueryProbe, RetrainCache, deltas
 from genattr.methods.attribution.losses import keyed_noise, loss_sweep, noise_key
+from genattr.methods.attribution.probe import QueryProbe, deltas
+from genattr.methods.attribution.retrain_cache import RetrainCache
 from genattr.methods.attribution.retrain_plan import build_plan
 from genattr.methods.attribution.training import TrainRecipe, independent_seed, train_coupled, train_unet
 from genattr.methods.attribution.unlearning import (
@@ -458,7 +459,8 @@ def test_pixel_and_text_baselines_use_decoded_images_and_captions_and_say_so(com
     assert protocol.train_captions == rel / "train_captions.txt"
     with pytest.raises(ConfigError, match="clip_text.pretrained=true .*HF_HUB_OFFLINE=1"):
         m._preflight(protocol)  # the paper's hub tower offline: an error before the Fisher
-    m.features_cfg["clip_text"] = {"name": CLIP_TEXT, "weights": str(_clip_text_file(tmp_path)[1]), "kwargs": TINY_CLIP}
+    weights = str(_clip_text_file(tmp_path)[1])
+    m.features_cfg["clip_text"] = {**m.features_cfg["clip_text"], "weights": weights, "kwargs": TINY_CLIP}
     m._preflight(protocol)
     scores, towers, inputs = m._similarity_baselines(protocol, [0, 1], ctx, "cpu")
     assert inputs == {"pixel": "decoded_pixels", "text": "clip_text"} and towers["clip_text"]["weights"] == "file"
@@ -518,6 +520,11 @@ def test_retrain_cache_and_plan_keep_the_couplings_apart(tmp_path):
     assert cache["independent"].init_cfg([1])["seed"] == independent_seed(0, [1]) != independent_seed(0, [2])
     plan = build_plan(cache["independent"], [("random|0|1", [1])])
     assert plan["coupling"] == "independent" and plan["jobs"][0]["key"] == cache["independent"].key([1])
+    # a bf16 retrain is another model: its own keys (fp32 keeps the keys of earlier versions) and plan precision
+    acc = {p: SimpleNamespace(mixed_precision=p) for p in ("no", "bf16")}
+    prec = {p: RetrainCache(tmp_path, cfg, RECIPE, lat, txt, coupling="coupled", accelerator=a) for p, a in acc.items()}
+    assert prec["no"].key([1]) == cache["coupled"].key([1]) != prec["bf16"].key([1])
+    assert build_plan(prec["bf16"], [("x", [1])])["mixed_precision"] == "bf16" and plan["mixed_precision"] == "no"
     theta0 = train_coupled(_tiny(), lat, txt, RECIPE)
     ref = cache["coupled"].model([]).unet.state_dict()
     assert all(torch.equal(theta0[k], v) for k, v in ref.items())  # the coupled reference is theta0

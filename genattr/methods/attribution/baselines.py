@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from genattr.engine.progress import track
 from genattr.methods.attribution.losses import keyed_noise, max_over_flips
 from genattr.methods.attribution.training import gather_text
 from genattr.methods.attribution.unlearning import per_sample_grads
@@ -52,6 +53,48 @@ def text_similarity(query_text: np.ndarray, text: np.ndarray, chunk: int = 4096)
     return np.concatenate(out)
 
 
+def influence_rows(
+    model: DiffusionModel,
+    names: Sequence[str],
+    directions: Mapping[str, torch.Tensor],
+    latents: np.ndarray,
+    text: np.ndarray,
+    timesteps: Sequence[int],
+    rows: Sequence[int],
+    *,
+    seed: int,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    desc: str | None = None,
+    main_process: bool = True,
+) -> np.ndarray:
+    """grad L(z)^T v for the training ``rows`` z and each direction v = F^-1 grad L(query): (Q, len(rows)).
+
+    ``directions`` maps a parameter name to a (Q, *shape) stack, one preconditioned query gradient per
+    query, so one sweep of per-sample gradients serves every query. Training gradients average the
+    ``timesteps`` with keyed noise and caption 0, so a row's value does not depend on the other rows.
+    """
+    v = torch.cat([directions[n].reshape(directions[n].shape[0], -1).double() for n in names], 1).to(device)
+    rows = np.asarray(rows, dtype=np.int64)
+    pairs = [(k, r, t) for k, r in enumerate(rows) for t in timesteps]
+    out = torch.zeros((v.shape[0], len(rows)), dtype=torch.float64)
+    starts = range(0, len(pairs), int(batch_size))
+    if desc is not None:
+        starts = track(starts, desc=desc, unit="batch", main_process=main_process)
+    for s in starts:
+        chunk = pairs[s : s + batch_size]
+        k = np.array([p[0] for p in chunk])
+        r = np.array([p[1] for p in chunk])
+        t = [p[2] for p in chunk]
+        eps = keyed_noise(seed, r, t, latents.shape[1:]).to(device)
+        x0 = torch.from_numpy(np.asarray(latents[r], dtype=np.float32)).to(device)
+        cond = gather_text(text, r, np.zeros(len(r), dtype=np.int64)).to(device)
+        g = per_sample_grads(model, names, x0, cond, torch.tensor(t, device=device), eps)
+        flat = torch.cat([g[n].detach().reshape(len(r), -1).double() for n in names], 1)
+        out.index_add_(1, torch.from_numpy(k), (v @ flat.T).cpu())
+    return (out / len(timesteps)).numpy()
+
+
 def influence_scores(
     model: DiffusionModel,
     names: Sequence[str],
@@ -64,25 +107,17 @@ def influence_scores(
     batch_size: int = 64,
     device: torch.device | str = "cpu",
 ) -> np.ndarray:
-    """grad L(z)^T v for every training row and each direction v = F^-1 grad L(query); (Q, N) after max over flips.
-
-    ``directions`` maps a parameter name to a (Q, *shape) stack, one preconditioned query gradient per
-    query, so one sweep of per-sample gradients serves every query. Training gradients average the
-    ``timesteps`` with keyed noise and caption 0.
-    """
-    v = torch.cat([directions[n].reshape(directions[n].shape[0], -1).double() for n in names], 1).to(device)
-    rows_all = np.arange(latents.shape[0])
-    pairs = [(r, t) for r in rows_all for t in timesteps]
-    out = torch.zeros((v.shape[0], latents.shape[0]), dtype=torch.float64)
-    for s in range(0, len(pairs), int(batch_size)):
-        chunk = pairs[s : s + batch_size]
-        r = np.array([p[0] for p in chunk])
-        t = [p[1] for p in chunk]
-        eps = keyed_noise(seed, r, t, latents.shape[1:]).to(device)
-        x0 = torch.from_numpy(np.asarray(latents[r], dtype=np.float32)).to(device)
-        cond = gather_text(text, r, np.zeros(len(r), dtype=np.int64)).to(device)
-        g = per_sample_grads(model, names, x0, cond, torch.tensor(t, device=device), eps)
-        flat = torch.cat([g[n].detach().reshape(len(r), -1).double() for n in names], 1)
-        out.index_add_(1, torch.from_numpy(r), (v @ flat.T).cpu())
-    scores = (out / len(timesteps)).numpy()
-    return np.stack([max_over_flips(s) for s in scores])
+    """:func:`influence_rows` of every training row, (Q, N) after the max over flips."""
+    raw = influence_rows(
+        model,
+        names,
+        directions,
+        latents,
+        text,
+        timesteps,
+        range(latents.shape[0]),
+        seed=seed,
+        batch_size=batch_size,
+        device=device,
+    )
+    return np.stack([max_over_flips(s) for s in raw])

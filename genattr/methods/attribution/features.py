@@ -227,6 +227,30 @@ def pixel_embed(images: torch.Tensor) -> torch.Tensor:
     return F.normalize(images.double().flatten(1), dim=1)
 
 
+def image_similarities(
+    embedders: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
+    query_images: torch.Tensor,
+    train_images: Callable[[int, int], torch.Tensor],
+    rows: range,
+    chunk: int = 1024,
+) -> dict[str, np.ndarray]:
+    """Per embedder, (Q, len(rows)) cosine of each query's features with those of the training ``rows``.
+
+    ``embedders`` map images to unit features (a tower's ``embed``, :func:`pixel_embed`).
+    ``train_images(start, stop)`` returns rows [start, stop) of the 2N as [-1, 1] images, so real data are
+    decoded chunk by chunk, once for all embedders, and never held whole; a process of a sharded run passes its
+    own contiguous rows.
+    """
+    queries = {k: f(query_images) for k, f in embedders.items()}
+    sims: dict[str, list[torch.Tensor]] = {k: [] for k in embedders}
+    for s in range(rows.start, rows.stop, chunk):
+        images = train_images(s, min(s + chunk, rows.stop))
+        for k, f in embedders.items():
+            sims[k].append(queries[k] @ f(images).T)
+    n_q = query_images.shape[0]
+    return {k: torch.cat(v, dim=1).numpy() if v else np.zeros((n_q, 0)) for k, v in sims.items()}
+
+
 def image_similarity_scores(
     embedders: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
     query_images: torch.Tensor,
@@ -234,19 +258,9 @@ def image_similarity_scores(
     n_rows: int,
     chunk: int = 1024,
 ) -> dict[str, np.ndarray]:
-    """Per embedder, (Q, N) cosine of each query's features with every training row's, max over the two flips.
-
-    ``embedders`` map images to unit features (a tower's ``embed``, :func:`pixel_embed`).
-    ``train_images(start, stop)`` returns rows [start, stop) of the 2N as [-1, 1] images, so real data are
-    decoded chunk by chunk, once for all embedders, and never held whole.
-    """
-    queries = {k: f(query_images) for k, f in embedders.items()}
-    sims: dict[str, list[torch.Tensor]] = {k: [] for k in embedders}
-    for s in range(0, n_rows, chunk):
-        images = train_images(s, min(s + chunk, n_rows))
-        for k, f in embedders.items():
-            sims[k].append(queries[k] @ f(images).T)
-    return {k: np.stack([max_over_flips(r) for r in torch.cat(v, dim=1).numpy()]) for k, v in sims.items()}
+    """:func:`image_similarities` of all ``n_rows`` training rows, (Q, N) after the max over the two flips."""
+    sims = image_similarities(embedders, query_images, train_images, range(n_rows), chunk)
+    return {k: np.stack([max_over_flips(r) for r in v]) for k, v in sims.items()}
 
 
 def text_similarity_scores(
@@ -257,3 +271,27 @@ def text_similarity_scores(
     A caption is the same for both flips of an image, so the max over flips is the score itself.
     """
     return (tower.embed(query_captions) @ tower.embed(train_captions).T).numpy()
+
+
+def image_decoder(
+    pixel_space: bool, vae: str | Path | None, device: torch.device | str
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Latents -> images in [-1, 1]: the identity on the twin (its latents are pixels), the ``data.vae`` on real
+    data, else None (nothing can decode them)."""
+    from genattr.models.diffusion import decode_latents, load_vae
+
+    if pixel_space:
+        return lambda x: x.float().clamp(-1, 1)
+    if vae is None:
+        return None
+    decoder = load_vae(vae, device)
+    return lambda x: decode_latents(decoder, x)
+
+
+def tag_towers(tracker: Any, main_process: bool, towers: Mapping[str, FeatureTower | TextTower]) -> dict[str, Any]:
+    """What each tower is and where its weights came from, also as the MLflow tags ``features.<key>``."""
+    info = {k: {"name": t.name, "weights": t.source} for k, t in towers.items()}
+    set_tags = getattr(tracker, "set_tags", None)
+    if info and set_tags is not None and main_process:
+        set_tags({f"features.{k}": v["weights"] for k, v in info.items()})
+    return info

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from genattr.engine.progress import track
 from genattr.methods.attribution.training import gather_text
 from genattr.models.diffusion import DiffusionModel, ddpm_loss
 from genattr.utils.errors import ConfigError
@@ -91,6 +92,8 @@ def loss_sweep(
     captions: Sequence[int] | None = None,
     caption_noise: str = "independent",
     device: torch.device | str = "cpu",
+    desc: str | None = None,
+    main_process: bool = True,
 ) -> np.ndarray:
     """Mean DDPM loss of each latent row over ``timesteps`` and ``captions`` (default: all), float64.
 
@@ -100,6 +103,7 @@ def loss_sweep(
     ``latents`` rows index [0, 2N) (flipped rows share the text of ``row % N``); evaluation is in eval
     mode without autocast, so the numbers depend only on the weights, the rows and the seed, never on
     ``batch_size`` (rounded up to a multiple of :data:`SWEEP_MICRO_BATCH`; it sets memory, not results).
+    ``desc``: report progress under that name (on the main process).
     """
     if caption_noise not in CAPTION_NOISE:
         raise ConfigError(f"method.sweep.caption_noise={caption_noise} is unknown; choose one of {list(CAPTION_NOISE)}")
@@ -117,7 +121,10 @@ def loss_sweep(
     # chunks are whole multiples of the micro-batch, so the micro-batches (and their padded tail) are
     # the same slices of the job list for every batch_size
     chunk_size = micro * max(1, -(-int(batch_size) // micro))
-    for start in range(0, len(jobs), chunk_size):
+    starts = range(0, len(jobs), chunk_size)
+    if desc is not None:
+        starts = track(starts, desc=desc, unit="chunk", main_process=main_process)
+    for start in starts:
         chunk = jobs[start : start + chunk_size]
         k = np.array([j[0] for j in chunk])
         r = np.array([j[1] for j in chunk])

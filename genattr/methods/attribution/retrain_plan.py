@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from genattr.methods.attribution.leave_k_out import RetrainCache
+from genattr.methods.attribution.retrain_cache import RetrainCache
 from genattr.utils.errors import DataError
 from genattr.utils.io import atomic_write_json
 
@@ -50,6 +50,7 @@ def build_plan(cache: RetrainCache, entries: Sequence[tuple[str, Sequence[int]]]
         "model": cache.model_cfg,
         "recipe": cache.recipe.as_dict(),
         "coupling": cache.coupling,
+        "mixed_precision": cache.base.get("mixed_precision", "no"),
         "jobs": list(jobs.values()),
     }
 

@@ -1,4 +1,9 @@
-"""Train a text-to-image UNet from scratch with Accelerate; the same code trains theta0 and every retrain.
+"""Train a text-to-image UNet from scratch through the engine; the same code trains theta0 and every retrain.
+
+The steps go through :func:`genattr.engine.training.prepared` and :func:`~genattr.engine.training.optimizer_step`
+(autocast, ``acc.backward``, gradient accumulation, clipping). One random stream draws each step's global batch
+(``trainer.batch_size`` rows); the processes and the accumulation micro-steps split that batch between them,
+so the draws never depend on how many processes train.
 
 Leave-K-out retrains come in two couplings (``method.evaluation.coupling``):
 
@@ -32,6 +37,8 @@ from accelerate import Accelerator
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 
+from genattr.engine.progress import track
+from genattr.engine.training import optimizer_step, prepared
 from genattr.models.diffusion import DiffusionModel, ddpm_loss
 from genattr.utils.errors import ConfigError
 
@@ -60,21 +67,21 @@ class TrainRecipe:
 
 def recipe_from_trainer(trainer: Mapping[str, Any]) -> TrainRecipe:
     """The ``trainer`` group (``conf/trainer/diffusion.yaml``) as a recipe, with a sentence for bad keys."""
-    opt = trainer.get("optimizer", {})
     try:
+        opt = trainer["optimizer"]
         recipe = TrainRecipe(
             epochs=int(trainer["epochs"]),
             batch_size=int(trainer["batch_size"]),
             lr=float(opt["lr"]),
-            weight_decay=float(opt.get("weight_decay", 0.0)),
-            warmup_steps=int(trainer.get("schedule", {}).get("warmup_steps", 0)),
-            ema_decay=float(trainer.get("ema_decay", 0.0)),
-            grad_clip=float(trainer.get("grad_clip", 0.0)),
-            seed=int(trainer.get("train_seed", 0)),
+            weight_decay=float(opt["weight_decay"]),
+            warmup_steps=int(trainer["schedule"]["warmup_steps"]),
+            ema_decay=float(trainer["ema_decay"]),
+            grad_clip=float(trainer["grad_clip"]),
+            seed=int(trainer["train_seed"]),
         )
     except (KeyError, TypeError) as err:
         raise ConfigError(
-            f"trainer lacks {err} for diffusion training; use trainer=diffusion (epochs, batch_size, optimizer.lr)"
+            f"trainer lacks {err} for diffusion training; use trainer=diffusion (conf/trainer/diffusion.yaml)"
         ) from err
     if recipe.epochs < 1 or recipe.batch_size < 1:
         raise ConfigError(
@@ -171,57 +178,72 @@ def train_unet(
     steps_per_epoch = len(rows) // recipe.batch_size
     if steps_per_epoch < 1:
         raise ConfigError(f"trainer.batch_size={recipe.batch_size} exceeds the {len(rows)} training rows")
+    rank, world, accum = acc.process_index, acc.num_processes, acc.gradient_accumulation_steps
+    if recipe.batch_size % (world * accum):
+        raise ConfigError(
+            f"trainer.batch_size={recipe.batch_size} must be divisible by processes x trainer.grad_accum = "
+            f"{world * accum}: they split each step's batch"
+        )
     total = recipe.epochs * steps_per_epoch
     with warnings.catch_warnings():
         # the latents may be a read-only memmap of the cache; they are only read (batches are indexed copies), so
         # sharing its memory is safe and avoids a copy of the whole training set
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
         lat = torch.from_numpy(np.asarray(latents, dtype=np.float32))
-    unet = model.unet
+    unet = model.unet.to(acc.device)  # before the optimiser and the EMA copy take its parameters
     unet.train()
     opt = torch.optim.AdamW(unet.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    # not prepared: Accelerate would step it once per process, but every process trains on a share of the same
+    # global batch, so the schedule advances once per optimiser step
     sched = get_cosine_schedule_with_warmup(opt, recipe.warmup_steps, total)
     ema = EMAModel(unet.parameters(), decay=recipe.ema_decay) if recipe.ema_decay > 0 else None
-    unet_p, opt, sched = acc.prepare(unet, opt, sched)
     device = acc.device
     ac = model.alphas_cumprod.to(device)
     # the stream lives on the CPU so that theta0 and retrains draw the same numbers on any device
     gen = torch.Generator().manual_seed(seed)
     n_caps, T = text.shape[1], model.num_timesteps
-    rank, world = acc.process_index, acc.num_processes
+    clip = recipe.grad_clip if recipe.grad_clip > 0 else None
     t0, step, running, count = time.perf_counter(), 0, 0.0, 0
-    for _epoch in range(recipe.epochs):
-        perm = rows[torch.randperm(len(rows), generator=gen)]
-        for s in range(steps_per_epoch):
-            idx = perm[s * recipe.batch_size : (s + 1) * recipe.batch_size].numpy()
-            t = torch.randint(0, T, (len(idx),), generator=gen)
-            eps = torch.randn((len(idx), *lat.shape[1:]), generator=gen)
-            caps = torch.randint(0, n_caps, (len(idx),), generator=gen).numpy()
-            mine = slice(rank, None, world)  # each process takes its share of the global batch
-            w = torch.from_numpy(keep[idx[mine] % n]).to(device)
-            x0 = lat[idx[mine]].to(device)
-            cond = gather_text(text, idx[mine], caps[mine]).to(device)
-            with acc.autocast():
-                per = ddpm_loss(unet_p, ac, x0, cond, t[mine].to(device), eps[mine].to(device))
-            loss = (per * w).sum() / w.sum().clamp_min(1.0)
-            acc.backward(loss)
-            if recipe.grad_clip > 0:
-                acc.clip_grad_norm_(unet_p.parameters(), recipe.grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.step(acc.unwrap_model(unet_p).parameters())
-            step += 1
-            if on_log is not None:
-                running, count = running + float(loss.detach()), count + 1
-                if step % log_every == 0 or step == total:
-                    on_log(step, running / count, float(sched.get_last_lr()[0]))
-                    running, count = 0.0, 0
-    net = acc.unwrap_model(unet_p, keep_fp32_wrapper=False)
+    with prepared(acc, unet, opt) as p:
+        epochs = track(
+            range(recipe.epochs),
+            desc=f"{coupling} training ({int(keep.sum())} of {n} images)",
+            unit="epoch",
+            main_process=acc.is_main_process,
+        )
+        for _epoch in epochs:
+            perm = rows[torch.randperm(len(rows), generator=gen)]
+            for s in range(steps_per_epoch):
+                idx = perm[s * recipe.batch_size : (s + 1) * recipe.batch_size].numpy()
+                t = torch.randint(0, T, (len(idx),), generator=gen)
+                eps = torch.randn((len(idx), *lat.shape[1:]), generator=gen)
+                caps = torch.randint(0, n_caps, (len(idx),), generator=gen).numpy()
+                step_loss = 0.0
+                for j in range(accum):  # this process's share of the batch, one slice per micro-step
+                    mine = slice(rank + world * j, None, world * accum)
+                    w = torch.from_numpy(keep[idx[mine] % n]).to(device)
+                    x0 = lat[idx[mine]].to(device)
+                    cond = gather_text(text, idx[mine], caps[mine]).to(device)
+                    tt, ee = t[mine].to(device), eps[mine].to(device)
+
+                    def weighted(net, x0=x0, cond=cond, tt=tt, ee=ee, w=w) -> torch.Tensor:
+                        per = ddpm_loss(net, ac, x0, cond, tt, ee)
+                        return (per * w).sum() / w.sum().clamp_min(1.0)
+
+                    loss = optimizer_step(acc, p, weighted, clip_norm=clip)
+                    if on_log is not None:
+                        step_loss += float(loss) / accum
+                sched.step()
+                if ema is not None:
+                    ema.step(unet.parameters())
+                step += 1
+                if on_log is not None:
+                    running, count = running + step_loss, count + 1
+                    if step % log_every == 0 or step == total:
+                        on_log(step, running / count, float(sched.get_last_lr()[0]))
+                        running, count = 0.0, 0
     if ema is not None:
-        ema.copy_to(net.parameters())
-    acc.free_memory()
+        ema.copy_to(unet.parameters())
     log.info(
         "trained %d steps (%s, %d of %d images kept) in %.1fs",
         total,
@@ -230,5 +252,4 @@ def train_unet(
         n,
         time.perf_counter() - t0,
     )
-    model.unet = net
-    return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}

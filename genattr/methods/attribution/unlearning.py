@@ -16,12 +16,13 @@ import contextlib
 import logging
 import re
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
+from genattr.engine.progress import track
 from genattr.methods.attribution.training import gather_text
 from genattr.models.diffusion import DiffusionModel, add_noise, ddpm_loss
 from genattr.utils.errors import ConfigError
@@ -96,6 +97,62 @@ def _fisher_draws(
         yield rows, caps, t, eps
 
 
+def fisher_sums(
+    model: DiffusionModel,
+    latents: np.ndarray,
+    text: np.ndarray,
+    names: Sequence[str],
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+    naive: bool = False,
+    share: Callable[[int], range] | None = None,
+    desc: str | None = None,
+    main_process: bool = True,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Sums of squared per-sample gradients (float64, on ``device``) over ``epochs`` passes of the 2N rows, and
+    how many samples they hold.
+
+    Every pass draws its whole random stream (:func:`_fisher_draws`) and cuts it into batches of
+    ``batch_size``; ``share(n_batches)`` picks the batches this process computes (all by default), so
+    processes that split the batches compute each one exactly as a single process would. ``naive=True``
+    computes the same per-sample gradients one backward pass at a time (the reference for the test and the
+    benchmark).
+    """
+    unet = model.unet
+    params = dict(unet.named_parameters())
+    total = {n: torch.zeros_like(params[n], dtype=torch.float64) for n in names}
+    count = 0
+    ac = model.alphas_cumprod.to(device)
+    bs = int(batch_size)
+    for epoch, (rows, caps, t, eps) in enumerate(_fisher_draws(model, latents, text, epochs, seed)):
+        starts = range(0, len(rows), bs)
+        if share is not None:
+            mine = share(len(starts))
+            starts = starts[mine.start : mine.stop]
+        if desc is not None:
+            starts = track(starts, desc=f"{desc} {epoch + 1}/{epochs}", unit="batch", main_process=main_process)
+        for s in starts:
+            r, c = rows[s : s + bs], caps[s : s + bs]
+            x0 = torch.from_numpy(np.asarray(latents[r], dtype=np.float32)).to(device)
+            cond = gather_text(text, r, c).to(device)
+            tt, ee = t[s : s + bs].to(device), eps[s : s + bs].to(device)
+            if naive:
+                for k in range(len(r)):
+                    loss = ddpm_loss(unet, ac, x0[k : k + 1], cond[k : k + 1], tt[k : k + 1], ee[k : k + 1])[0]
+                    gs = torch.autograd.grad(loss, [params[n] for n in names])
+                    for n, g in zip(names, gs, strict=False):
+                        total[n] += g.detach().double().pow(2)
+            else:
+                gs = per_sample_grads(model, names, x0, cond, tt, ee)
+                for n in names:
+                    total[n] += gs[n].double().pow(2).sum(0)
+            count += len(r)
+    return total, count
+
+
 def diagonal_fisher(
     model: DiffusionModel,
     latents: np.ndarray,
@@ -108,33 +165,11 @@ def diagonal_fisher(
     device: torch.device | str = "cpu",
     naive: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Diagonal empirical Fisher E[g^2] (float64) over ``epochs`` passes of the 2N rows.
-
-    ``naive=True`` computes the same per-sample gradients one backward pass at a time (the reference for
-    the test and the benchmark).
-    """
-    unet = model.unet
-    params = dict(unet.named_parameters())
-    total = {n: torch.zeros_like(params[n], dtype=torch.float64) for n in names}
-    count = 0
-    ac = model.alphas_cumprod.to(device)
-    for rows, caps, t, eps in _fisher_draws(model, latents, text, epochs, seed):
-        for s in range(0, len(rows), int(batch_size)):
-            r, c = rows[s : s + batch_size], caps[s : s + batch_size]
-            x0 = torch.from_numpy(np.asarray(latents[r], dtype=np.float32)).to(device)
-            cond = gather_text(text, r, c).to(device)
-            tt, ee = t[s : s + batch_size].to(device), eps[s : s + batch_size].to(device)
-            if naive:
-                for k in range(len(r)):
-                    loss = ddpm_loss(unet, ac, x0[k : k + 1], cond[k : k + 1], tt[k : k + 1], ee[k : k + 1])[0]
-                    gs = torch.autograd.grad(loss, [params[n] for n in names])
-                    for n, g in zip(names, gs, strict=False):
-                        total[n] += g.detach().double().pow(2)
-            else:
-                gs = per_sample_grads(model, names, x0, cond, tt, ee)
-                for n in names:
-                    total[n] += gs[n].double().pow(2).sum(0)
-            count += len(r)
+    """Diagonal empirical Fisher E[g^2] (float64, CPU) over ``epochs`` passes of the 2N rows, in one process
+    (:func:`fisher_sums`; a run shards the batches across its processes)."""
+    total, count = fisher_sums(
+        model, latents, text, names, epochs=epochs, batch_size=batch_size, seed=seed, device=device, naive=naive
+    )
     return {n: (v / count).detach().cpu() for n, v in total.items()}
 
 
