@@ -7,12 +7,15 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from conftest import compose_config
 from omegaconf import OmegaConf
 from PIL import Image
 from prada_fakes import FakeGenerator, FakeTokenizer, write_fake_task
@@ -25,19 +28,22 @@ from genattr.methods.base import RunContext
 from genattr.methods.provenance.calibration import fit_calibrator
 from genattr.methods.provenance.classes import candidate_classes
 from genattr.methods.provenance.decision import ZScorer, argmax_or_outlier, assign_family, fit_thresholds
-from genattr.methods.provenance.inverse import augment, level_at
+from genattr.methods.provenance.inverse import augment, chunk_generator, generate_pairs, level_at
 from genattr.methods.provenance.likelihood import logmeanexp, scale_slices, summary_features, token_loglik
-from genattr.methods.provenance.method import STAGES, ModelTracer, score_training_rows
+from genattr.methods.provenance.method import ModelTracer
+from genattr.methods.provenance.one_step import score_training_rows
 from genattr.methods.provenance.outputs import write_submission
+from genattr.methods.provenance.parallel import batch_share
 from genattr.methods.provenance.score_function import ScoreFunction, fit_score_function, prada_negatives, score
 from genattr.methods.provenance.signals import quant_loss_per_sample, signals_batch
 from genattr.metrics.detection import auroc
 from genattr.metrics.provenance import confusion, tracing_metrics
 from genattr.tracking.base import NullTracker
 from genattr.utils.errors import ConfigError, DataError
-from genattr.utils.instantiate import build
+from genattr.utils.instantiate import META_KEYS, build
 
 FAM = ("rar", "var")
+STAGES = {"two_stage": ["models", "family", "variant"], "one_step": ["models", "features", "score_functions"]}
 BUILD_KEYS = ("name", "root", "image_size", "models", "checkpoint_dir", "test_labels", "twin", "cache_dir")
 
 
@@ -165,7 +171,7 @@ def test_score_function_learns_the_cfg_log_ratio() -> None:
     scales = scale_slices([1, 2, 4], length)
     fresh = ScoreFunction(scales)
     assert float(fresh.alpha.detach()) == 1.0 and torch.allclose(fresh.w, torch.full((3,), 1 / 3))
-    model, hist = fit_score_function(feats[::2], y[::2], scales, epochs=150, lr=1e-2)
+    model, hist = fit_score_function(feats[::2], y[::2], scales, acc=Accelerator(cpu=True), epochs=150, lr=1e-2)
     assert hist[-1] < hist[0]
     s = score(model, feats[1::2])
     assert auroc(y[1::2].astype(int), s) > 0.9
@@ -194,7 +200,9 @@ def test_score_function_has_pradas_layout_and_fixes_a_single_stage_weight() -> N
     assert not rar.w.requires_grad and rar.w.tolist() == [1.0]
     # PRADA's predict.py trains with training_noise 0.1; the fit keeps w at 1 for one stage and the penalty at 0
     feats = np.random.default_rng(0).normal(size=(40, 1, 8, 2)).astype(np.float32)
-    model, _ = fit_score_function(feats, np.r_[np.ones(20), np.zeros(20)], [(0, 8)], epochs=20, lr=1e-2)
+    model, _ = fit_score_function(
+        feats, np.r_[np.ones(20), np.zeros(20)], [(0, 8)], acc=Accelerator(cpu=True), epochs=20, lr=1e-2
+    )
     assert model.w.tolist() == [1.0] and float(model.alpha.detach()) != 1.0
 
 
@@ -233,7 +241,8 @@ def test_score_function_loss_is_pradas_mean_bce() -> None:
     feats = rng.normal(size=(30, 1, 21, 2)).astype(np.float32)
     y = (np.arange(30) < 5).astype(np.float32)  # 5 positives, 25 negatives
     scales = scale_slices([1, 2, 4], 21)
-    _, hist = fit_score_function(feats, y, scales, epochs=1, noise=0.0, seed=7, balance=False)
+    acc = Accelerator(cpu=True)
+    _, hist = fit_score_function(feats, y, scales, acc=acc, epochs=1, noise=0.0, seed=7, balance=False)
     torch.manual_seed(7)
     fresh = ScoreFunction(scales)
     with torch.no_grad():
@@ -241,13 +250,35 @@ def test_score_function_loss_is_pradas_mean_bce() -> None:
     t = torch.as_tensor(y) * 0.95 + 0.025
     bce = -(t * torch.nn.functional.logsigmoid(logits) + (1 - t) * torch.nn.functional.logsigmoid(-logits)).mean()
     assert hist[0] == pytest.approx(float(bce), rel=1e-5)  # the w penalty is 0 at w = 1/S
-    _, balanced = fit_score_function(feats, y, scales, epochs=1, noise=0.0, seed=7, balance=True)
+    _, balanced = fit_score_function(feats, y, scales, acc=acc, epochs=1, noise=0.0, seed=7, balance=True)
     assert balanced[0] != pytest.approx(hist[0], rel=1e-3)  # on 5 : 25 rows the class weighting differs
     # on PRADA's own 1 : 1 data (250 own + 250 real) the balanced loss is its plain mean, step for step
     even = (np.arange(30) < 15).astype(np.float32)
-    _, plain = fit_score_function(feats, even, scales, epochs=3, noise=0.0, seed=7, balance=False)
-    _, weighted = fit_score_function(feats, even, scales, epochs=3, noise=0.0, seed=7, balance=True)
+    _, plain = fit_score_function(feats, even, scales, acc=acc, epochs=3, noise=0.0, seed=7, balance=False)
+    _, weighted = fit_score_function(feats, even, scales, acc=acc, epochs=3, noise=0.0, seed=7, balance=True)
     assert weighted == pytest.approx(plain, rel=1e-6)
+
+
+def test_sweeps_share_whole_batches_and_samples_have_a_stream_per_chunk() -> None:
+    """What makes N processes compute the one-process numbers: each takes whole batches of the one-process sweep
+    (every row once, in order), and a chunk of fresh samples draws from its own seed, not from a stream that runs
+    on from the chunks before it (which another process would not have drawn)."""
+
+    class FakeAcc:
+        def __init__(self, rank: int, world: int) -> None:
+            self.process_index, self.num_processes = rank, world
+
+    for n, batch, world in ((100, 16, 2), (100, 16, 3), (10, 16, 2), (64, 16, 4), (0, 8, 2)):
+        shares = [batch_share(FakeAcc(r, world), n, batch) for r in range(world)]
+        assert [i for sh in shares for i in sh] == list(range(n))
+        assert all(sh.start % batch == 0 for sh in shares if len(sh))  # batches of the one-process sweep
+    tok, gens = FakeTokenizer(seed=1), {v: FakeGenerator(seed=i) for i, v in enumerate(("var16", "var20"))}
+    whole, made = generate_pairs(tok, gens, per_variant=5, seed=3, batch_size=2, device=torch.device("cpu"))
+    assert made == 10 and whole.variants == ["var16"] * 5 + ["var20"] * 5
+    # var20's third chunk (its fifth sample, row 9) is what that chunk's own stream gives, whatever ran before
+    g = chunk_generator(3, 1, 2, torch.device("cpu"))
+    labels = torch.randint(0, 4, (1,), generator=g)
+    assert torch.equal(whole.classes[9:], labels) and torch.equal(whole.tokens[9:], gens["var20"].sample(labels, g))
 
 
 def test_candidate_classes() -> None:
@@ -325,15 +356,33 @@ def _ctx(out: Path, **kw) -> RunContext:
     )
 
 
-def _tracer(pipeline: str, **kw) -> ModelTracer:
-    return ModelTracer(
-        name="prada",
-        pipeline=pipeline,
-        class_source="oracle",
-        batch_size=64,
-        inverse={"rar": {"epochs": 3, "lr": 1e-2}, "var": {"epochs": 3, "lr": 1e-2}},
-        **{"prada": {"epochs": 60, "lr": 1e-2}, **kw},
-    )
+@cache
+def _yaml_method() -> dict[str, Any]:
+    """``method.*`` of ``method=prada`` as composed from the YAML (paper scale, no twin profile)."""
+    return OmegaConf.to_container(compose_config(["method=prada", "data=rarvar"], Path("unused")).method, resolve=True)
+
+
+def _method(changes: dict[str, Any] | None = None) -> ModelTracer:
+    """The tracer of the YAML's complete ``method.*`` with some dotted keys replaced."""
+    cfg = OmegaConf.create(_yaml_method())
+    for key, value in (changes or {}).items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in (*META_KEYS, "_target_")}
+    return ModelTracer(model={}, trainer={}, **kwargs)  # as ``build`` calls it, without Hydra's error wrapper
+
+
+def _tracer(pipeline: str, changes: dict[str, Any] | None = None) -> ModelTracer:
+    """A fast tracer for the fake task: oracle classes, short fits."""
+    fast = {
+        "pipeline": pipeline,
+        "class_source": "oracle",
+        "batch_size": 64,
+        "inverse.rar": {"epochs": 3, "lr": 1e-2, "batch_size": 16, "augment": None},
+        "inverse.var": {"epochs": 3, "lr": 1e-2, "batch_size": 16, "augment": None},
+        "prada.epochs": 60,
+        "prada.lr": 1e-2,
+    }
+    return _method({**fast, **(changes or {})})
 
 
 @pytest.mark.parametrize("pipeline", ["two_stage", "one_step"])
@@ -360,7 +409,7 @@ def test_prada_adds_fresh_samples_of_every_model(fake_task: Path, tmp_path: Path
     base = _tracer("one_step").run(protocol, _ctx(tmp_path / "plain")).results["stage_details"]["prada"]
 
     def tracer() -> ModelTracer:
-        return _tracer("one_step", prada={"epochs": 60, "lr": 1e-2, "generated_per_variant": 3})
+        return _tracer("one_step", {"prada.generated_per_variant": 3})
 
     # stop after the feature stage and resume: the samples and their features come back from the checkpoint
     assert not tracer().run(protocol, _ctx(tmp_path / "gen", stop_after_task=1)).completed
@@ -378,50 +427,62 @@ def test_prada_position_groups_give_single_scale_score_functions_one_weight_per_
 ) -> None:
     # both fake families are single-scale (4 tokens); multi-scale tokens keep one weight per scale (scale_slices)
     protocol = load_rarvar(fake_task, image_size=8)
-    report = _tracer("one_step", prada={"epochs": 5, "position_groups": 3}).run(protocol, _ctx(tmp_path))
+    report = _tracer("one_step", {"prada.epochs": 5, "prada.position_groups": 3}).run(protocol, _ctx(tmp_path))
     (weights,) = (tmp_path / "checkpoints").rglob("weights.safetensors")
     w = load_file(str(weights))
     assert report.completed and all(w[f"score.{v}.w"].shape == (3,) for v in LABELS[:8])
     # more groups than tokens (4 here) fails naming the key, after the features stage was checkpointed
     with pytest.raises(ConfigError, match=r"method\.prada\.position_groups=5 for var: 5 position groups for 4"):
-        _tracer("one_step", prada={"epochs": 5, "position_groups": 5}).run(protocol, _ctx(tmp_path / "five"))
+        _tracer("one_step", {"prada.epochs": 5, "prada.position_groups": 5}).run(protocol, _ctx(tmp_path / "five"))
 
 
 def test_method_rejects_bad_flags() -> None:
     with pytest.raises(ConfigError, match="pipeline"):
-        ModelTracer(name="prada", pipeline="three_stage")
+        _method({"pipeline": "three_stage"})
     with pytest.raises(ConfigError, match="class_source"):
-        ModelTracer(name="prada", class_source="guess")
+        _method({"class_source": "guess"})
     with pytest.raises(ConfigError, match="signal"):
-        ModelTracer(name="prada", stage1={"signal": "psnr"})
+        _method({"stage1.signal": "psnr"})
     with pytest.raises(ConfigError, match=r"method\.stage1\.quant_reduce='max'"):
-        ModelTracer(name="prada", stage1={"quant_reduce": "max"})
+        _method({"stage1.quant_reduce": "max"})
     with pytest.raises(ConfigError, match=r"method\.stage1\.quant_reduce\.var='max'"):
-        ModelTracer(name="prada", stage1={"quant_reduce": {"rar": "median", "var": "max"}})
+        _method({"stage1.quant_reduce": {"rar": "median", "var": "max"}})
     with pytest.raises(ConfigError, match="unknown families"):
-        ModelTracer(name="prada", stage1={"quant_reduce": {"maskgit": "median"}})
-    per_family = ModelTracer(name="prada", stage1={"quant_reduce": {"rar": "median"}}).quant_reduce
+        _method({"stage1.quant_reduce": {"maskgit": "median", "rar": "mean", "var": "mean"}})
+    # a mapping names every family (the YAML holds the one default: one value for both)
+    with pytest.raises(ConfigError, match=r"method\.stage1\.quant_reduce has no value for \['var'\]"):
+        _method({"stage1.quant_reduce": {"rar": "median"}})
+    per_family = _method({"stage1.quant_reduce": {"rar": "median", "var": "mean"}}).settings.quant_reduce
     assert per_family == {"var": "mean", "rar": "median"}
     with pytest.raises(ConfigError, match=r"method\.prada\.negatives=\['real'\]"):
-        ModelTracer(name="prada", prada={"negatives": ["real"]})
+        _method({"prada.negatives": ["real"]})
     with pytest.raises(ConfigError, match=r"method\.prada\.generated_per_variant=-1"):
-        ModelTracer(name="prada", prada={"generated_per_variant": -1})
+        _method({"prada.generated_per_variant": -1})
     with pytest.raises(ConfigError, match="non-empty"):
-        ModelTracer(name="prada", prada={"negatives": []})
+        _method({"prada.negatives": []})
     with pytest.raises(ConfigError, match=r"method\.prada\.position_groups=0"):
-        ModelTracer(name="prada", prada={"position_groups": 0})
-    assert ModelTracer(name="prada", pairs={"per_variant": {"rar": 96}}).pairs_per_variant == {"var": 64, "rar": 96}
-    assert ModelTracer(name="prada", pairs={"per_variant": 8}).pairs_per_variant == {"var": 8, "rar": 8}
+        _method({"prada.position_groups": 0})
+    with pytest.raises(ConfigError, match=r"method\.prada\.tokens='stage2'"):
+        _method({"prada.tokens": "stage2"})
+    with pytest.raises(ConfigError, match=r"method\.pairs\.source='disk'"):
+        _method({"pairs.source": "disk"})
+    both = _method({"pairs.per_variant": {"rar": 96, "var": 64}}).settings.pairs_per_variant
+    assert both == {"var": 64, "rar": 96}
+    assert _method({"pairs.per_variant": 8}).settings.pairs_per_variant == {"var": 8, "rar": 8}
     with pytest.raises(ConfigError, match=r"method\.pairs\.per_variant\.rar=0"):
-        ModelTracer(name="prada", pairs={"per_variant": {"rar": 0}})
+        _method({"pairs.per_variant": {"rar": 0, "var": 8}})
     with pytest.raises(ConfigError, match=r"method\.pairs\.per_variant=\[8\]"):
-        ModelTracer(name="prada", pairs={"per_variant": [8]})
-    assert prada_negatives({"negatives": "val_outliers"}) == ["val_outliers"]
+        _method({"pairs.per_variant": [8]})
+    # every key comes from the YAML: a partial method config is refused, naming what is missing
+    partial = {k: v for k, v in _yaml_method().items() if k not in ("stage2", "_target_", *META_KEYS)}
+    with pytest.raises(TypeError, match="stage2"):
+        ModelTracer(model={}, trainer={}, **partial)
+    assert prada_negatives("val_outliers") == ["val_outliers"]
     labels = np.asarray(["var16", "var20", "rarb", "rarl", "var16"])
     assert score_training_rows(labels, "var16", ["other_family"]).tolist() == [True, False, True, True, True]
     assert score_training_rows(labels, "var16", ["same_family"]).tolist() == [True, True, False, False, True]
     assert score_training_rows(labels, "rarl", ["val_outliers"]).tolist() == [False, False, False, True, False]
-    assert prada_negatives({"negatives": ["val_outliers", "other_family"]}) == ["other_family", "val_outliers"]
+    assert prada_negatives(["val_outliers", "other_family"]) == ["other_family", "val_outliers"]
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -438,23 +499,13 @@ def test_config_composes_for_both_pipelines(compose_cfg, pipeline: str) -> None:
     assert isinstance(tracer, ModelTracer) and tracer.pipeline == pipeline
 
 
-def test_quirk_flags_are_logged_with_the_originals_defaults_and_the_twin_profile(compose_cfg, tmp_path: Path) -> None:
-    class Recorder(NullTracker):
-        def __init__(self) -> None:
-            self.dicts: dict[str, dict] = {}
-
-        def log_dict(self, obj: dict, artifact_file: str) -> None:
-            self.dicts[artifact_file] = json.loads(json.dumps(obj))  # what MLflow writes must be plain JSON
-
+def test_quirk_flags_are_logged_with_the_originals_defaults_and_the_twin_profile(compose_cfg) -> None:
     def flags(twin: bool) -> dict:
         cfg = compose_cfg(["method=prada", "data=rarvar"])
         if twin:
             apply_twin_profile(cfg, {"method", "data"})
-        tracker = Recorder()
-        build(cfg.method, model={}, trainer={})._log_flags(
-            RunContext(**{**_ctx(tmp_path).__dict__, "tracker": tracker})
-        )
-        return tracker.dicts["config/prada_flags.json"]
+        # what MLflow gets (config/prada_flags.json) must be plain JSON
+        return json.loads(json.dumps(build(cfg.method, model={}, trainer={}).settings.flags()))
 
     paper, twin = flags(False), flags(True)
     # the originals: DataProvenanceIAR's Algorithm 3 (no keep-best, init 0.5); PRADA's 1 : 1 class balance

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
 from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
@@ -161,6 +162,7 @@ def test_prada_score_functions_separate_own_images_from_outliers(twin: Path, fam
     real, real_cls = procedural(250, out_images.shape[-1], 10, 0, "prada-real")
     own_cls = torch.arange(250) % 10
     reached = {}
+    acc = Accelerator(cpu=True)
     for fam, (tok, gens) in families.items():
         hidden = {s: load_file(str(twin / "hidden" / f"{s}_{fam}.safetensors")) for s in ("val", "test")}
         with torch.no_grad():
@@ -170,7 +172,7 @@ def test_prada_score_functions_separate_own_images_from_outliers(twin: Path, fam
             own = _prada(g, g.sample(own_cls, torch.Generator().manual_seed(123)).numpy(), own_cls[:, None].numpy())
             neg = _prada(g, real_tok, real_cls.numpy()[:, None])
             x, y = np.concatenate([own, neg]), np.r_[np.ones(len(own)), np.zeros(len(neg))]
-            sf, _ = fit_score_function(x, y, scales, epochs=200, lr=1e-2)
+            sf, _ = fit_score_function(x, y, scales, acc=acc, epochs=200, lr=1e-2)
             held = []
             for s in ("val", "test"):
                 rows = [int(r["row"]) for r in meta if r["split"] == s and r["label"] == name]

@@ -64,6 +64,21 @@ def prepared(
         acc.free_memory()
 
 
+@contextmanager
+def prepared_alone(acc: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[Prepared]:
+    """``prepared`` for a fit that runs on this process alone while the others fit other models: device
+    placement, the mixed-precision forward and an ``AcceleratedOptimizer`` (GradScaler under fp16), but no DDP
+    wrapper, whose collectives would pair this model with another process's. No barrier on exit either, since
+    processes may fit different numbers of models."""
+    prepared_model = acc.prepare_model(model, evaluation_mode=True)
+    prepared_opt = acc.prepare_optimizer(optimizer)
+    try:
+        yield Prepared(model=prepared_model, optimizer=prepared_opt, raw=model)
+    finally:
+        acc.unwrap_model(prepared_model, keep_fp32_wrapper=False)
+        acc.free_memory()
+
+
 def optimizer_step(
     acc: Accelerator,
     p: Prepared,

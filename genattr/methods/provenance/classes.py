@@ -21,8 +21,12 @@ from typing import Any
 import numpy as np
 import timm
 import torch
+from accelerate import Accelerator
 from torch import nn
 
+from genattr.engine.progress import track
+from genattr.engine.training import optimizer_step, prepared, shard
+from genattr.methods.provenance.parallel import global_batch_mean
 from genattr.methods.provenance.signals import to_unit
 from genattr.utils.errors import ConfigError
 
@@ -31,11 +35,11 @@ CLASS_SOURCES = ("oracle", "null", "topk", "all")
 
 
 def build_classifier(cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
-    """timm model from ``cfg`` (name, pretrained, weights = local file)."""
-    kwargs: dict[str, Any] = {"pretrained": bool(cfg.get("pretrained", False))}
-    if cfg.get("weights"):
+    """timm model from ``method.classifier`` (name, pretrained, weights = local file, train)."""
+    kwargs: dict[str, Any] = {"pretrained": bool(cfg["pretrained"])}
+    if cfg["weights"]:
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(cfg["weights"])})
-    if cfg.get("train", True):
+    if cfg["train"]:
         kwargs["num_classes"] = num_classes
     return timm.create_model(str(cfg["name"]), **kwargs)
 
@@ -52,33 +56,49 @@ def train_classifier(
     images: torch.Tensor,
     classes: torch.Tensor,
     *,
+    acc: Accelerator,
     epochs: int,
     lr: float,
     batch_size: int,
     seed: int,
-    device: torch.device,
-) -> list[float]:
-    """Cross-entropy training with AdamW and horizontal flips; returns the loss per epoch."""
-    model.to(device).train()
+) -> tuple[list[float], int]:
+    """Cross-entropy training with AdamW and horizontal flips; returns the loss per epoch and the number of
+    images this process trained on.
+
+    ``batch_size`` is the global batch: every process draws the same order and flips, trains on its share of
+    each batch, and DDP averages the gradients of :func:`global_batch_mean` losses. Batch-norm statistics are
+    per share (the timm ResNets' BatchNorm is not synchronised), the one place where N processes differ from one.
+    """
+    model.to(acc.device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
-    hist = []
-    for _ in range(int(epochs)):
-        order = torch.randperm(len(images), generator=g)
-        total = 0.0
-        for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size]
-            x = to_unit(images[idx], device)
-            flip = torch.rand(len(idx), generator=g) < 0.5
-            x[flip.to(device)] = x[flip.to(device)].flip(-1)
-            loss = nn.functional.cross_entropy(model(_normalise(model, x)), classes[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-        hist.append(total / len(images))
+    hist, seen, world, device = [], 0, acc.num_processes, acc.device
+    with prepared(acc, model, opt) as p:
+        for _ in track(range(int(epochs)), desc="class classifier", unit="epoch", main_process=acc.is_main_process):
+            order = torch.randperm(len(images), generator=g)
+            total = 0.0  # this process's part of the epoch's summed loss
+            for s in range(0, len(order), batch_size):
+                idx = order[s : s + batch_size]
+                flip = torch.rand(len(idx), generator=g) < 0.5
+                share = shard(acc, len(idx))
+                mine, flip = idx[share.start : share.stop], flip[share.start : share.stop].to(device)
+                x = to_unit(images[mine], device)
+                x[flip] = x[flip].flip(-1)
+                y = classes[mine].to(device)
+
+                def loss_fn(m: nn.Module, x: torch.Tensor = x, y: torch.Tensor = y, n: int = len(idx)) -> torch.Tensor:
+                    logits = m(_normalise(p.raw, x))
+                    if world == 1:  # the plain mean, as before the engine
+                        return nn.functional.cross_entropy(logits, y)
+                    return global_batch_mean(nn.functional.cross_entropy(logits, y, reduction="none"), n, world)
+
+                total += float(optimizer_step(acc, p, loss_fn)) * len(idx) / world
+                seen += len(mine)
+            if world > 1:
+                total = float(acc.reduce(torch.tensor(total, dtype=torch.float64, device=device), "sum"))
+            hist.append(total / len(images))
     model.eval()
-    return hist
+    return hist, seen
 
 
 @torch.no_grad()

@@ -19,10 +19,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from PIL import Image
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
+from genattr.engine.progress import track
+from genattr.engine.training import optimizer_step, per_process, prepared, shard
+from genattr.methods.provenance.parallel import global_batch_mean
 from genattr.methods.provenance.signals import mse_per_sample, to_unit, truncate_uint8
 from genattr.models.autoregressive.base import TracedGenerator
 from genattr.models.tokenizers.base import TracingTokenizer
@@ -70,6 +74,13 @@ class Pairs:
         )
 
 
+def chunk_generator(seed: int, variant: int, chunk: int, device: torch.device) -> torch.Generator:
+    """The random stream of one chunk of samples: its own seed from (seed, variant index, chunk index), so a chunk
+    draws the same classes and tokens on whichever process makes it."""
+    state = np.random.SeedSequence([int(seed), int(variant), int(chunk)]).generate_state(1)[0]
+    return torch.Generator(device=device).manual_seed(int(state))
+
+
 @torch.no_grad()
 def generate_pairs(
     tok: TracingTokenizer,
@@ -79,21 +90,33 @@ def generate_pairs(
     seed: int,
     batch_size: int,
     device: torch.device,
-) -> Pairs:
-    """Sample ``per_variant`` images from each generator (uniform classes), decoded in fp32, truncated."""
+    acc: Accelerator | None = None,
+) -> tuple[Pairs, int]:
+    """Sample ``per_variant`` images from each generator (uniform classes), decoded in fp32, truncated.
+
+    The samples come in chunks of ``batch_size`` per generator, each with its own random stream
+    (:func:`chunk_generator`); with ``acc`` the chunks are shared among the processes and gathered in order, so
+    the pairs are those one process makes. Returns the pairs and how many this process sampled.
+    """
+    chunks = [(vi, c) for vi in range(len(generators)) for c in range(-(-per_variant // batch_size))]
+    share = range(len(chunks)) if acc is None else shard(acc, len(chunks))
+    gens = list(generators.items())
     parts = []
-    for vi, (name, gen) in enumerate(generators.items()):
-        g = torch.Generator(device=device).manual_seed(seed * 1009 + vi)
-        done = 0
-        while done < per_variant:
-            n = min(batch_size, per_variant - done)
-            labels = torch.randint(0, gen.num_classes, (n,), generator=g, device=device)
-            tokens = gen.sample(labels, g)
-            fz = tok.tokens_to_latent(tokens)
-            x = truncate_uint8(tok.decode_latent(fz).float())
-            parts.append(Pairs(x.cpu(), fz.float().cpu(), tokens.cpu(), labels.cpu(), [name] * n))
-            done += n
-    return Pairs.cat(parts)
+    main = acc is None or acc.is_main_process
+    for i in track(share, desc=f"sampling {'/'.join(generators)}", unit="chunk", main_process=main):
+        vi, c = chunks[i]
+        name, gen = gens[vi]
+        g = chunk_generator(seed, vi, c, device)
+        n = min(batch_size, per_variant - c * batch_size)
+        labels = torch.randint(0, gen.num_classes, (n,), generator=g, device=device)
+        tokens = gen.sample(labels, g)
+        fz = tok.tokens_to_latent(tokens)
+        x = truncate_uint8(tok.decode_latent(fz).float())
+        parts.append(Pairs(x.cpu(), fz.float().cpu(), tokens.cpu(), labels.cpu(), [name] * n))
+    made = sum(len(p) for p in parts)
+    if acc is not None:
+        parts = [p for ps in per_process(acc, parts) for p in ps]
+    return Pairs.cat(parts), made
 
 
 def _jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
@@ -165,52 +188,79 @@ def inverse_loss(tok: TracingTokenizer, pairs: Pairs, *, batch_size: int, device
     return total / max(n, 1)
 
 
+class InverseDecoder(nn.Module):
+    """D⁻¹ as one module whose ``forward`` is ``tok.encode_feature``, so that Accelerate can prepare it: DDP
+    synchronises gradients only through ``forward``, and only the fine-tuned modules are its parameters."""
+
+    def __init__(self, tok: TracingTokenizer) -> None:
+        super().__init__()
+        self.trained = nn.ModuleList(tok.encoder_modules())
+        self._tok = [tok]  # not a submodule: the frozen decoder / codebook stay out of DDP
+
+    def forward(self, images01: torch.Tensor) -> torch.Tensor:
+        return self._tok[0].encode_feature(images01)
+
+
 def finetune_inverse_decoder(
     tok: TracingTokenizer,
     pairs: Pairs,
     *,
+    acc: Accelerator,
     epochs: int,
     lr: float,
     batch_size: int,
-    step_size: int = 2,
-    gamma: float = 0.9,
-    augment_schedule: Sequence[Sequence[Any]] | None = None,
-    augment_p: float = 0.5,
-    seed: int = 0,
-    device: torch.device,
+    step_size: int,
+    gamma: float,
+    augment_schedule: Sequence[Sequence[Any]] | None,
+    augment_p: float,
+    seed: int,
     log_fn: Any = None,
-) -> list[float]:
-    """Fine-tune ``tok.encoder_modules()`` on ``pairs``; returns the mean training loss per epoch."""
+) -> tuple[list[float], int]:
+    """Fine-tune ``tok.encoder_modules()`` on ``pairs``; returns the mean training loss per epoch and the number
+    of pair rows this process trained on.
+
+    ``batch_size`` is the global batch: every process draws the same order (and augmentation choices), takes its
+    share of each batch, and DDP averages the gradients of :func:`global_batch_mean` losses.
+    """
     params = _set_trainable(tok)
     opt = torch.optim.Adam(params, lr=lr)
+    # StepLR steps once per epoch on the raw optimiser (a prepared scheduler would step once per process)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=gamma)
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    history = []
-    for epoch in range(int(epochs)):
-        order = torch.randperm(len(pairs), generator=g)
-        level = level_at(epoch, augment_schedule)
-        total = 0.0
-        for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size]
-            x = to_unit(pairs.images[idx], device)
-            if level != "none" and rng.random() < augment_p:
-                x = augment(x, level, rng)
-            loss = mse_per_sample(tok.encode_feature(x), pairs.latents[idx].to(device)).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-        sched.step()
-        history.append(total / len(pairs))
-        if log_fn is not None:
-            log_fn(epoch, history[-1])
-        if not math.isfinite(history[-1]):
-            raise FloatingPointError(f"inverse-decoder loss became {history[-1]} at epoch {epoch}; lower the lr")
+    history, seen, world, device = [], 0, acc.num_processes, acc.device
+    with prepared(acc, InverseDecoder(tok), opt) as p:
+        for epoch in track(range(int(epochs)), desc="inverse decoder", unit="epoch", main_process=acc.is_main_process):
+            order = torch.randperm(len(pairs), generator=g)
+            level = level_at(epoch, augment_schedule)
+            total = 0.0  # this process's part of the epoch's summed loss
+            for s in range(0, len(order), batch_size):
+                idx = order[s : s + batch_size]
+                share = shard(acc, len(idx))
+                mine = idx[share.start : share.stop]
+                x = to_unit(pairs.images[mine], device)
+                if level != "none" and rng.random() < augment_p:
+                    x = augment(x, level, rng)
+                target = pairs.latents[mine].to(device)
+                loss = optimizer_step(
+                    acc,
+                    p,
+                    lambda model, x=x, t=target, n=len(idx): global_batch_mean(mse_per_sample(model(x), t), n, world),
+                )
+                total += float(loss) * len(idx) / world  # the batch's mean loss is the processes' average
+                seen += len(mine)
+            sched.step()
+            if world > 1:
+                total = float(acc.reduce(torch.tensor(total, dtype=torch.float64, device=device), "sum"))
+            history.append(total / len(pairs))
+            if log_fn is not None:
+                log_fn(epoch, history[-1])
+            if not math.isfinite(history[-1]):
+                raise FloatingPointError(f"inverse-decoder loss became {history[-1]} at epoch {epoch}; lower the lr")
     if isinstance(tok, nn.Module):
         tok.requires_grad_(False)
         tok.eval()
-    return history
+    return history, seen
 
 
 def encoder_state(tok: TracingTokenizer) -> dict[str, torch.Tensor]:

@@ -15,12 +15,14 @@ an image is the max or log-mean-exp of the per-candidate scores (the same in tra
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from torch import nn
 
+from genattr.engine.training import optimizer_step, prepared_alone
 from genattr.utils.errors import ConfigError
 
 #: where a model's score function takes its negative images from: train images of the other variants of its
@@ -28,10 +30,9 @@ from genattr.utils.errors import ConfigError
 NEGATIVE_SOURCES = ("same_family", "other_family", "val_outliers")
 
 
-def prada_negatives(cfg: Mapping[str, object]) -> list[str]:
-    """The validated ``method.prada.negatives`` list (default: all three sources, one-vs-rest)."""
-    raw = cfg.get("negatives", list(NEGATIVE_SOURCES))
-    items = [raw] if isinstance(raw, str) else list(raw or [])  # type: ignore[call-overload]
+def prada_negatives(raw: str | Sequence[str] | None) -> list[str]:
+    """The validated ``method.prada.negatives`` (one source or a list), in canonical order."""
+    items = [raw] if isinstance(raw, str) else list(raw or [])
     bad = [x for x in items if x not in NEGATIVE_SOURCES]
     if bad or not items:
         raise ConfigError(
@@ -84,6 +85,7 @@ def fit_score_function(
     positive: np.ndarray,
     scales: Sequence[tuple[int, int]],
     *,
+    acc: Accelerator,
     epochs: int = 3000,
     lr: float = 1e-3,
     smoothing: float = 0.05,
@@ -99,11 +101,15 @@ def fit_score_function(
     ``balance`` weights positives and negatives to equal total weight. PRADA's loss is the plain mean BCE over
     250 own + 250 real images, which is exactly this weighting; one-vs-rest on this task has ≈8 negatives per
     positive, where the plain mean (``balance=False``) would tilt every score towards "not mine".
+
+    The fit is full-batch and runs whole on the calling process (:func:`prepared_alone`): the eight score functions
+    are independent, so a run on N processes fits a share of them per process, each exactly as one process would.
+    (Sharding the rows instead would need the noise's per-stage std of the *whole* batch across processes.)
     """
     torch.manual_seed(seed)
     model = ScoreFunction(scales, hidden, aggregate, noise=noise)
-    x = torch.as_tensor(feats, dtype=torch.float32)
-    y = torch.as_tensor(positive, dtype=torch.float32)
+    x = torch.as_tensor(feats, dtype=torch.float32).to(acc.device)
+    y = torch.as_tensor(positive, dtype=torch.float32).to(acc.device)
     target = y * (1 - smoothing) + 0.5 * smoothing
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     weight = None
@@ -111,21 +117,22 @@ def fit_score_function(
         weight = torch.where(y > 0.5, 0.5 / y.sum(), 0.5 / (len(y) - y.sum()))
     model.noise_generator = torch.Generator().manual_seed(seed)
     model.train()
-    history = []
-    for _ in range(int(epochs)):
-        out = model(x)
+
+    def loss_fn(m: nn.Module) -> torch.Tensor:
+        out = m(x).float()
         if weight is None:  # PRADA: BCEWithLogitsLoss(), the mean over images
             bce = nn.functional.binary_cross_entropy_with_logits(out, target)
         else:
             bce = nn.functional.binary_cross_entropy_with_logits(out, target, weight=weight, reduction="sum")
-        loss = bce + weight_penalty * (model.w.abs().sum() - 1) ** 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        history.append(float(loss.detach()))
+        return bce + weight_penalty * (model.w.abs().sum() - 1) ** 2
+
+    history = []
+    with prepared_alone(acc, model, opt) as p:
+        for _ in range(int(epochs)):
+            history.append(float(optimizer_step(acc, p, loss_fn)))
     model.eval()
     model.noise_generator = None
-    return model, history
+    return model.cpu(), history
 
 
 @torch.no_grad()
