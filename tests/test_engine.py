@@ -97,3 +97,11 @@ def test_single_task_slurm_job_opens_no_process_group(monkeypatch):
         assert acc.num_processes == 1 and not torch.distributed.is_initialized()
     finally:
         AcceleratorState._reset_state(True)
+
+
+def test_one_process_can_run_one_run_after_another_in_other_precisions():
+    """Hydra's basic multirun launcher runs jobs in one process: a bf16 job after an fp32 one must not trip over
+    Accelerate's process-wide state."""
+    trainer = {"cpu": True, "grad_accum": 1}
+    assert make_accelerator({**trainer, "mixed_precision": "bf16"}).mixed_precision == "bf16"
+    assert make_accelerator({**trainer, "mixed_precision": "no"}).mixed_precision == "no"

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 from genattr.engine.distributed import export_torch_distributed_env
 from genattr.utils.errors import ConfigError
@@ -26,4 +27,8 @@ def make_accelerator(trainer: Mapping[str, Any]) -> Accelerator:
             "trainer.mixed_precision=fp16 needs a CUDA GPU and none is in use; "
             "set trainer.mixed_precision=no (or bf16) to run on CPU."
         )
+    # one process may run several runs (Hydra's basic multirun launcher, a notebook, the tests): Accelerate keeps
+    # the first run's precision in a process-wide singleton and refuses another one, so each run starts from a
+    # clean AcceleratorState; the distributed PartialState (the process group) is kept
+    AcceleratorState._reset_state()
     return Accelerator(cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=int(trainer["grad_accum"]))
