@@ -22,7 +22,7 @@ from genattr.data.aigenbench.splits import (
     subset_mask,
 )
 from genattr.data.aigenbench.timeline import Timeline, chunk_windows, read_generator_table
-from genattr.data.twins.aigenbench import (
+from genattr.twins.aigenbench import (
     aigenbench_features,
     ensure_aigenbench_twin,
     generator_plan,

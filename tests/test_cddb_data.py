@@ -16,9 +16,9 @@ from genattr.data import images
 from genattr.data.cddb import CDDB_TASKS, SUBCATEGORIES, build_cddb
 from genattr.data.images import ImageListDataset, Sample
 from genattr.data.transforms import test_transform, train_transform
-from genattr.data.twins import cddb as twin_cddb
-from genattr.data.twins.cddb import ensure_cddb_twin
-from genattr.data.twins.pretrain import pretrain_set
+from genattr.twins import cddb as twin_cddb
+from genattr.twins.cddb import ensure_cddb_twin
+from genattr.twins.pretrain import pretrain_set
 from genattr.utils.errors import ConfigError, DataError
 
 HARD = ["gaugan", "biggan", "wild", "whichfaceisreal", "san"]

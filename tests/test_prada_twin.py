@@ -19,12 +19,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from genattr.data.rarvar import load_png
-from genattr.data.twins.rarvar import LABELS, VARIANTS, build_rarvar_twin, procedural, to_uint8
 from genattr.methods.provenance.likelihood import prada_features, scale_slices
 from genattr.methods.provenance.score_function import fit_score_function, score
 from genattr.metrics.detection import auroc
 from genattr.models.autoregressive.family import load_family
 from genattr.models.tokenizers.optimized_quant import optimized_quantize, quant_loss
+from genattr.twins.rarvar import LABELS, VARIANTS, build_rarvar_twin, procedural, to_uint8
 
 CONF = Path(__file__).parents[1] / "conf"
 #: the method's defaults and the twin profile's overrides of them (conf/method/prada.yaml, conf/data/rarvar.yaml)

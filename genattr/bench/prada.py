@@ -42,7 +42,7 @@ def _models(scale: str) -> tuple[dict[str, Any], int]:
         var_tok, rar_tok = MultiScaleVQ(), SingleScaleVQ()
         var_gen, rar_gen = VARGenerator(depth=16), RARGenerator()
         return {"var": (var_tok, var_gen), "rar": (rar_tok, rar_gen)}, 256
-    from genattr.data.twins.rarvar import twin_models
+    from genattr.twins.rarvar import twin_models
 
     cfg = twin_models(32, 10)
     from genattr.models.autoregressive.family import build_model

@@ -17,11 +17,11 @@ import torch
 from accelerate import Accelerator
 
 from genattr.bench.common import device_info, peak_memory_mb, reset_peak, write_json
-from genattr.data.twins.mscoco import ensure_mscoco_twin
 from genattr.methods.attribution.losses import loss_sweep, strided_timesteps
 from genattr.methods.attribution.training import recipe_from_trainer, train_coupled
 from genattr.methods.attribution.unlearning import diagonal_fisher, restore, select_parameters, snapshot, unlearn
 from genattr.models.diffusion import build_diffusion, load_unet_weights
+from genattr.twins.mscoco import ensure_mscoco_twin
 
 UNET = {
     "sample_size": 8,

@@ -117,7 +117,7 @@ def _check_tasks(tasks: Sequence[str]) -> list[str]:
 
 def _twin_root(cache_dir: str | None, twin: Mapping[str, Any] | None, crop: int) -> Path:
     """Generate (or reuse) the synthetic twin; lazy import keeps real runs free of it."""
-    from genattr.data.twins.cddb import ensure_cddb_twin
+    from genattr.twins.cddb import ensure_cddb_twin
 
     kwargs = {str(k): v for k, v in (twin or {}).items()}
     image_size = int(kwargs.get("image_size", 40))

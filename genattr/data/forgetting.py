@@ -358,7 +358,7 @@ def identity_data_root(
         log.warning("data.root is null: using the SYNTHETIC %s twin (set data.root for real results)", label)
         import os
 
-        from genattr.data.twins.identities import ensure_identity_twin
+        from genattr.twins.identities import ensure_identity_twin
 
         if cache_dir is None:
             cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "genattr")

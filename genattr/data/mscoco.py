@@ -240,7 +240,7 @@ def build_mscoco(
     """``conf/data/mscoco.yaml`` ``_target_``: the real folder, or the twin generated into the cache."""
     if root is not None:
         return load_mscoco(root, files, name=name, vae=vae)
-    from genattr.data.twins.mscoco import ensure_mscoco_twin
+    from genattr.twins.mscoco import ensure_mscoco_twin
 
     log.warning(
         "data.root is null: using the SYNTHETIC MSCOCO twin (procedural captioned images with planted "

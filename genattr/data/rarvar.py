@@ -329,7 +329,7 @@ def build_rarvar(
             test_labels=test_labels,
             name=name,
         )
-    from genattr.data.twins import rarvar as twin_mod
+    from genattr.twins import rarvar as twin_mod
 
     log.warning(
         "data.root is null: using the SYNTHETIC model-tracer twin (tiny RAR/VAR-like families trained on "

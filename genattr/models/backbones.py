@@ -61,7 +61,7 @@ def create_backbone(
         return timm.create_model(name, pretrained=True, **extra)
     model = timm.create_model(name, pretrained=False, **extra)
     if twin_pretrain and twin_pretrain.get("enabled"):
-        from genattr.models.twin_pretrain import ensure_twin_backbone
+        from genattr.twins.backbone import ensure_twin_backbone
 
         if cache_dir is None:
             raise ConfigError("model.cache_dir must be set to cache the twin-pretrained backbone.")

@@ -235,7 +235,7 @@ def build_aigenbench(
         raise ConfigError(f"data.benchmark_type={benchmark_type!r}; expected one of {list(BENCHMARK_TYPES)}")
     source = "real"
     if root is None:
-        from genattr.data.twins.aigenbench import ensure_aigenbench_twin
+        from genattr.twins.aigenbench import ensure_aigenbench_twin
 
         if cache_dir is None:
             raise ConfigError("data.cache_dir must be set to build the AI-GenBench twin (data.root is null).")

@@ -15,8 +15,8 @@ from functools import partial
 
 import numpy as np
 
-from genattr.data.twins.content import gaussian_blur, random_style, render
-from genattr.data.twins.fingerprints import (
+from genattr.twins.content import gaussian_blur, random_style, render
+from genattr.twins.fingerprints import (
     Op,
     blur,
     checkerboard,

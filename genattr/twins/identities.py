@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from genattr.data.twins.cache import MANIFEST, cached_twin
+from genattr.twins.cache import MANIFEST, cached_twin
 from genattr.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -53,11 +53,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from genattr.data.twins.cache import cached_twin
-from genattr.data.twins.content import domain_style, name_seed, render
-from genattr.data.twins.rarvar_train import train_generator, train_tokenizer
 from genattr.models.autoregressive.family import build_model
 from genattr.models.tokenizers.checkpoint import save_checkpoint
+from genattr.twins.cache import cached_twin
+from genattr.twins.content import domain_style, name_seed, render
+from genattr.twins.rarvar_train import train_generator, train_tokenizer
 
 log = logging.getLogger(__name__)
 

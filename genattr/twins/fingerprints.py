@@ -19,7 +19,7 @@ from functools import partial
 
 import numpy as np
 
-from genattr.data.twins.content import gaussian_blur, name_seed, resize_linear
+from genattr.twins.content import gaussian_blur, name_seed, resize_linear
 
 Op = Callable[[np.ndarray], np.ndarray]
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from genattr.data.twins.cache import cached_twin
+from genattr.twins.cache import cached_twin
 from genattr.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)

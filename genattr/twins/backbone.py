@@ -47,7 +47,7 @@ def ensure_twin_backbone(
     seed: int = 0,
 ) -> Path:
     """Return the cached safetensors file for this recipe, training ``model`` if needed."""
-    from genattr.data.twins.pretrain import pretrain_set
+    from genattr.twins.pretrain import pretrain_set
 
     recipe = dict(
         name=name,

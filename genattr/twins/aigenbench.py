@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from genattr.data.twins.cache import cached_twin
-from genattr.data.twins.content import name_seed, random_style, render
-from genattr.data.twins.fingerprints import (
+from genattr.twins.cache import cached_twin
+from genattr.twins.content import name_seed, random_style, render
+from genattr.twins.fingerprints import (
     Fingerprint,
     checkerboard,
     colour_stats,

@@ -20,9 +20,9 @@ import numpy as np
 from PIL import Image
 
 from genattr.data.cddb import CDDB_TASKS, SUBCATEGORIES
-from genattr.data.twins.cache import cached_twin
-from genattr.data.twins.content import domain_style, name_seed, render
-from genattr.data.twins.fingerprints import TRACES
+from genattr.twins.cache import cached_twin
+from genattr.twins.content import domain_style, name_seed, render
+from genattr.twins.fingerprints import TRACES
 from genattr.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -1,1 +1,0 @@
-"""genattr.data.twins."""
