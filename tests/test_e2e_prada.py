@@ -36,9 +36,9 @@ from conftest import compose_config
 from safetensors.torch import load_file
 
 from genattr.data.rarvar import FAMILIES, FAMILY_OF, LABELS, VARIANTS, build_rarvar
-from genattr.methods.provenance.assets import TaskAssets
-from genattr.methods.provenance.calibration import fit_calibrator
-from genattr.methods.provenance.likelihood import summary_features
+from genattr.methods.tracing.assets import TaskAssets
+from genattr.methods.tracing.calibration import fit_calibrator
+from genattr.methods.tracing.likelihood import summary_features
 from genattr.run import run
 
 pytestmark = pytest.mark.slow

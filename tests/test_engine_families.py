@@ -44,7 +44,7 @@ SMALL: dict[str, list[str]] = {
     ],
     # the model tracer's one-step PRADA on the cached rarvar twin with all three of its trainings (inverse
     # decoders for prada.tokens=stage1, the top-k class classifier, the eight score functions), kept short
-    "provenance": [
+    "tracing": [
         "method=prada",
         "data=rarvar",
         "method.pipeline=one_step",
@@ -144,9 +144,9 @@ def test_detection_runs_sharded_on_two_processes_with_the_one_process_maths(tmp_
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
 
 
-def test_provenance_runs_sharded_on_two_processes_with_the_one_process_maths(tmp_path: Path) -> None:
+def test_tracing_runs_sharded_on_two_processes_with_the_one_process_maths(tmp_path: Path) -> None:
     # PRADA's own c2i setting (the class known, the original encoder's tokens): nothing trains but the score functions
-    exact = [o for o in SMALL["provenance"] if not o.startswith(("method.class_source=", "method.prada.tokens="))]
+    exact = [o for o in SMALL["tracing"] if not o.startswith(("method.class_source=", "method.prada.tokens="))]
     exact += ["method.class_source=oracle", "method.prada.tokens=greedy_original"]
     one = launch(exact, tmp_path / "one", nproc=1)
     two = launch(exact, tmp_path / "two", nproc=2)
@@ -171,7 +171,7 @@ def test_provenance_runs_sharded_on_two_processes_with_the_one_process_maths(tmp
     # the trainings under DDP: each process trains on its share of every global batch (inverse decoders,
     # classifier); the gradients are the same means up to float rounding and the classifier's BatchNorm statistics
     # are per share, so only the shares are asserted here (1 process: tests above and tests/test_prada_pipeline.py)
-    ddp = launch(SMALL["provenance"], tmp_path / "ddp", nproc=2)
+    ddp = launch(SMALL["tracing"], tmp_path / "ddp", nproc=2)
     check_one_run_of(ddp, 2)
     shares = ddp.results["per_process"]
     print("per process, trainings under DDP:", shares)

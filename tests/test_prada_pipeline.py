@@ -25,19 +25,19 @@ from genattr.config import apply_twin_profile, check_compatibility
 from genattr.data.rarvar import LABELS, build_rarvar, load_png, load_rarvar
 from genattr.engine.checkpoint import Checkpointer
 from genattr.methods.base import RunContext
-from genattr.methods.provenance.calibration import fit_calibrator
-from genattr.methods.provenance.classes import candidate_classes
-from genattr.methods.provenance.decision import ZScorer, argmax_or_outlier, assign_family, fit_thresholds
-from genattr.methods.provenance.inverse import augment, chunk_generator, generate_pairs, level_at
-from genattr.methods.provenance.likelihood import logmeanexp, scale_slices, summary_features, token_loglik
-from genattr.methods.provenance.method import ModelTracer
-from genattr.methods.provenance.one_step import score_training_rows
-from genattr.methods.provenance.outputs import write_submission
-from genattr.methods.provenance.parallel import batch_share
-from genattr.methods.provenance.score_function import ScoreFunction, fit_score_function, prada_negatives, score
-from genattr.methods.provenance.signals import quant_loss_per_sample, signals_batch
+from genattr.methods.tracing.calibration import fit_calibrator
+from genattr.methods.tracing.classes import candidate_classes
+from genattr.methods.tracing.decision import ZScorer, argmax_or_outlier, assign_family, fit_thresholds
+from genattr.methods.tracing.inverse import augment, chunk_generator, generate_pairs, level_at
+from genattr.methods.tracing.likelihood import logmeanexp, scale_slices, summary_features, token_loglik
+from genattr.methods.tracing.method import ModelTracer
+from genattr.methods.tracing.one_step import score_training_rows
+from genattr.methods.tracing.outputs import write_submission
+from genattr.methods.tracing.parallel import batch_share
+from genattr.methods.tracing.score_function import ScoreFunction, fit_score_function, prada_negatives, score
+from genattr.methods.tracing.signals import quant_loss_per_sample, signals_batch
 from genattr.metrics.detection import auroc
-from genattr.metrics.provenance import confusion, tracing_metrics
+from genattr.metrics.tracing import confusion, tracing_metrics
 from genattr.tracking.base import NullTracker
 from genattr.utils.errors import ConfigError, DataError
 from genattr.utils.instantiate import META_KEYS, build

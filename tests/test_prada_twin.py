@@ -19,8 +19,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from genattr.data.rarvar import load_png
-from genattr.methods.provenance.likelihood import prada_features, scale_slices
-from genattr.methods.provenance.score_function import fit_score_function, score
+from genattr.methods.tracing.likelihood import prada_features, scale_slices
+from genattr.methods.tracing.score_function import fit_score_function, score
 from genattr.metrics.detection import auroc
 from genattr.models.autoregressive.family import load_family
 from genattr.models.tokenizers.optimized_quant import optimized_quantize, quant_loss

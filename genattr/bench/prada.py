@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from genattr.bench.common import device_info, peak_memory_mb, reset_peak, timed, write_json
-from genattr.methods.provenance.likelihood import token_loglik
-from genattr.methods.provenance.signals import QuantizerSpec, signals_batch
+from genattr.methods.tracing.likelihood import token_loglik
+from genattr.methods.tracing.signals import QuantizerSpec, signals_batch
 from genattr.models.autoregressive.rar import RARGenerator
 from genattr.models.autoregressive.var import VARGenerator
 from genattr.models.tokenizers.multi_scale import MultiScaleVQ

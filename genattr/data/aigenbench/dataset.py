@@ -103,10 +103,10 @@ class DetectionSplit:
 
 
 @dataclass
-class SlidingWindowsProtocol:
+class DetectionProtocol:
     """Chronological windows of generators, their training rows and the scored validation set."""
 
-    kind: ClassVar[str] = "sliding_windows"
+    kind: ClassVar[str] = "detection"
     name: str
     source: str
     root: Path
@@ -219,7 +219,7 @@ def build_aigenbench(
     eval_pipeline: Mapping[str, Any] | None = None,
     twin: Mapping[str, Any] | None = None,
     cache_dir: str | None = None,
-) -> SlidingWindowsProtocol:
+) -> DetectionProtocol:
     """Build the protocol from ``root`` (a ``save_to_disk`` folder) or from the cached twin.
 
     ``generators`` is the timeline CSV (``None`` = the shipped v1.0.0 table; the twin
@@ -272,7 +272,7 @@ def build_aigenbench(
         "eval_pipeline": eval_choices,
     }
     log.info("AI-GenBench %s: %d windows %s", source, len(timeline.windows), info["window_train_sizes"])
-    return SlidingWindowsProtocol(
+    return DetectionProtocol(
         name=name,
         source=source,
         root=folder,

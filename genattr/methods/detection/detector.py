@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 
 from genattr.data.aigenbench.augment import mandatory_eval_pipeline, train_pipeline
 from genattr.data.aigenbench.crops import check_crop
-from genattr.data.aigenbench.dataset import SlidingWindowsProtocol
+from genattr.data.aigenbench.dataset import DetectionProtocol
 from genattr.data.aigenbench.splits import subset_mask
 from genattr.data.aigenbench.views import EvalSet, FixedAugmentedTrainSet, collate_crops
 from genattr.engine.progress import track
@@ -77,7 +77,7 @@ class SlidingWindowDetector:
         name: str,
         model: Mapping[str, Any],
         trainer: Mapping[str, Any],
-        supports: tuple[str, ...] | list[str] = ("sliding_windows",),
+        supports: tuple[str, ...] | list[str] = ("detection",),
         augmentation_factor: int,
         train_aug: str,
         train_crop: str,
@@ -102,7 +102,7 @@ class SlidingWindowDetector:
         self.train_variants = train_variants
         self.dump = bool(dump_predictions)
 
-    def run(self, protocol: SlidingWindowsProtocol, ctx: RunContext) -> Report:
+    def run(self, protocol: DetectionProtocol, ctx: RunContext) -> Report:
         return WindowLoop(self, protocol, ctx).run()
 
 
@@ -154,7 +154,7 @@ class WindowLoop:
 
     stage_kind = "window"
 
-    def __init__(self, method: SlidingWindowDetector, protocol: SlidingWindowsProtocol, ctx: RunContext) -> None:
+    def __init__(self, method: SlidingWindowDetector, protocol: DetectionProtocol, ctx: RunContext) -> None:
         self.method, self.protocol, self.ctx = method, protocol, ctx
         self.acc = ctx.accelerator
         self.tr = tr = method.trainer

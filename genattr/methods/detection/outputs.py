@@ -16,14 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from genattr.data.aigenbench.dataset import SlidingWindowsProtocol
+from genattr.data.aigenbench.dataset import DetectionProtocol
 from genattr.metrics.detection import roc_curve
 from genattr.tracking.plots import plot_roc_curves, plot_window_heatmap
 
 FILE = "predictions_validate_all.npz"
 
 
-def dump_predictions(folder: Path, protocol: SlidingWindowsProtocol, pred: Mapping[str, np.ndarray]) -> Path:
+def dump_predictions(folder: Path, protocol: DetectionProtocol, pred: Mapping[str, np.ndarray]) -> Path:
     """Write one window's validation predictions; returns the file (written atomically)."""
     val = protocol.validation
     pos = np.asarray(pred["position"])
@@ -63,7 +63,7 @@ def load_predictions(folder: Path) -> dict[str, np.ndarray]:
 
 def window_plots(
     folder: Path,
-    protocol: SlidingWindowsProtocol,
+    protocol: DetectionProtocol,
     per_window: Sequence[Mapping[str, Any]],
     preds: Mapping[int, Mapping[str, np.ndarray]],
     *,

@@ -16,17 +16,17 @@ from safetensors.torch import load_file
 
 from genattr.data.rarvar import FAMILIES, FAMILY_OF
 from genattr.methods.base import RunContext
-from genattr.methods.provenance import classes as cls_mod
-from genattr.methods.provenance.assets import TaskAssets
-from genattr.methods.provenance.inverse import (
+from genattr.methods.tracing import classes as cls_mod
+from genattr.methods.tracing.assets import TaskAssets
+from genattr.methods.tracing.inverse import (
     Pairs,
     encoder_state,
     finetune_inverse_decoder,
     generate_pairs,
     inverse_loss,
 )
-from genattr.methods.provenance.settings import TracerSettings
-from genattr.methods.provenance.state import TracerState
+from genattr.methods.tracing.settings import TracerSettings
+from genattr.methods.tracing.state import TracerState
 from genattr.utils.errors import DataError
 
 log = logging.getLogger(__name__)

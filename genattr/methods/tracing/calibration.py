@@ -19,7 +19,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from genattr.methods.provenance.likelihood import SUMMARY_FEATURES
+from genattr.methods.tracing.likelihood import SUMMARY_FEATURES
 from genattr.utils.errors import ConfigError
 
 CALIBRATIONS = ("zscore", "logreg")

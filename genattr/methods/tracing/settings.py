@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from genattr.data.rarvar import FAMILIES
-from genattr.methods.provenance.classes import CLASS_SOURCES
-from genattr.methods.provenance.score_function import prada_negatives
-from genattr.methods.provenance.signals import QUANT_REDUCE
+from genattr.methods.tracing.classes import CLASS_SOURCES
+from genattr.methods.tracing.score_function import prada_negatives
+from genattr.methods.tracing.signals import QUANT_REDUCE
 from genattr.utils.errors import ConfigError
 
 PIPELINES = ("two_stage", "one_step")

@@ -26,8 +26,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from genattr.engine.progress import track
 from genattr.engine.training import optimizer_step, per_process, prepared, shard
-from genattr.methods.provenance.parallel import global_batch_mean
-from genattr.methods.provenance.signals import mse_per_sample, to_unit, truncate_uint8
+from genattr.methods.tracing.parallel import global_batch_mean
+from genattr.methods.tracing.signals import mse_per_sample, to_unit, truncate_uint8
 from genattr.models.autoregressive.base import TracedGenerator
 from genattr.models.tokenizers.base import TracingTokenizer
 

@@ -10,11 +10,11 @@ import numpy as np
 
 from genattr.data.rarvar import FAMILIES, FAMILY_OF, OUTLIER
 from genattr.methods.base import Report
-from genattr.methods.provenance.outputs import plot_confusion, plot_histograms, write_submission
-from genattr.metrics.provenance import confusion, tracing_metrics
+from genattr.methods.tracing.outputs import plot_confusion, plot_histograms, write_submission
+from genattr.metrics.tracing import confusion, tracing_metrics
 
 if TYPE_CHECKING:
-    from genattr.methods.provenance.pipeline import TracerPipeline
+    from genattr.methods.tracing.pipeline import TracerPipeline
 
 SPLITS = ("train", "val", "test")
 #: the stage details results.json carries when a stage wrote them

@@ -12,10 +12,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from genattr.methods.base import Report, RunContext
-from genattr.methods.provenance.one_step import OneStepPipeline
-from genattr.methods.provenance.pipeline import TracerPipeline
-from genattr.methods.provenance.settings import TracerSettings
-from genattr.methods.provenance.two_stage import TwoStagePipeline
+from genattr.methods.tracing.one_step import OneStepPipeline
+from genattr.methods.tracing.pipeline import TracerPipeline
+from genattr.methods.tracing.settings import TracerSettings
+from genattr.methods.tracing.two_stage import TwoStagePipeline
 from genattr.utils.errors import ConfigError
 
 #: ``method.pipeline`` -> the pipeline it runs

@@ -16,8 +16,8 @@ import torch
 from omegaconf import OmegaConf
 
 from genattr.data.rarvar import VARIANTS, ImageSplit, TracingProtocol
-from genattr.methods.provenance.inverse import load_encoder_state
-from genattr.methods.provenance.state import TracerState
+from genattr.methods.tracing.inverse import load_encoder_state
+from genattr.methods.tracing.state import TracerState
 from genattr.models.tokenizers.checkpoint import load_generator_checkpoint, load_tokenizer_checkpoint
 from genattr.utils.instantiate import build
 

@@ -18,14 +18,14 @@ import torch
 from genattr.data.rarvar import FAMILIES, FAMILY_OF, LABELS, OUTLIER, VARIANTS
 from genattr.engine.progress import track
 from genattr.engine.training import per_process, shard
-from genattr.methods.provenance.candidates import class_candidates, split_candidates, trained_classifier
-from genattr.methods.provenance.decision import argmax_or_outlier
-from genattr.methods.provenance.inverse import generate_pairs
-from genattr.methods.provenance.likelihood import prada_features, scale_slices
-from genattr.methods.provenance.parallel import sweep
-from genattr.methods.provenance.pipeline import SPLITS, TracerPipeline
-from genattr.methods.provenance.score_function import fit_score_function, score
-from genattr.methods.provenance.signals import greedy_tokens
+from genattr.methods.tracing.candidates import class_candidates, split_candidates, trained_classifier
+from genattr.methods.tracing.decision import argmax_or_outlier
+from genattr.methods.tracing.inverse import generate_pairs
+from genattr.methods.tracing.likelihood import prada_features, scale_slices
+from genattr.methods.tracing.parallel import sweep
+from genattr.methods.tracing.pipeline import SPLITS, TracerPipeline
+from genattr.methods.tracing.score_function import fit_score_function, score
+from genattr.methods.tracing.signals import greedy_tokens
 from genattr.metrics.detection import auroc
 from genattr.utils.errors import ConfigError
 

@@ -26,8 +26,8 @@ from torch import nn
 
 from genattr.engine.progress import track
 from genattr.engine.training import optimizer_step, prepared, shard
-from genattr.methods.provenance.parallel import global_batch_mean
-from genattr.methods.provenance.signals import to_unit
+from genattr.methods.tracing.parallel import global_batch_mean
+from genattr.methods.tracing.signals import to_unit
 from genattr.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)

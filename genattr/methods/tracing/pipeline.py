@@ -22,11 +22,11 @@ from genattr.data.rarvar import TracingProtocol
 from genattr.engine.stages import StagedRun
 from genattr.engine.training import per_process
 from genattr.methods.base import Report, RunContext
-from genattr.methods.provenance.assets import TaskAssets
-from genattr.methods.provenance.models_stage import train_models
-from genattr.methods.provenance.report import tracer_report
-from genattr.methods.provenance.settings import TracerSettings
-from genattr.methods.provenance.state import TracerState
+from genattr.methods.tracing.assets import TaskAssets
+from genattr.methods.tracing.models_stage import train_models
+from genattr.methods.tracing.report import tracer_report
+from genattr.methods.tracing.settings import TracerSettings
+from genattr.methods.tracing.state import TracerState
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")

@@ -18,13 +18,13 @@ import numpy as np
 from safetensors.torch import load_file
 
 from genattr.data.rarvar import FAMILIES, FAMILY_OF, OUTLIER, VARIANTS
-from genattr.methods.provenance.calibration import VariantCalibrator, fit_calibrator
-from genattr.methods.provenance.candidates import split_candidates
-from genattr.methods.provenance.decision import ZScorer, assign_family, fit_thresholds, safe_log
-from genattr.methods.provenance.likelihood import SUMMARY_FEATURES, summary_features
-from genattr.methods.provenance.parallel import sweep
-from genattr.methods.provenance.pipeline import SPLITS, TracerPipeline
-from genattr.methods.provenance.signals import QUANT_REDUCE, QuantizerSpec, compute_signals
+from genattr.methods.tracing.calibration import VariantCalibrator, fit_calibrator
+from genattr.methods.tracing.candidates import split_candidates
+from genattr.methods.tracing.decision import ZScorer, assign_family, fit_thresholds, safe_log
+from genattr.methods.tracing.likelihood import SUMMARY_FEATURES, summary_features
+from genattr.methods.tracing.parallel import sweep
+from genattr.methods.tracing.pipeline import SPLITS, TracerPipeline
+from genattr.methods.tracing.signals import QUANT_REDUCE, QuantizerSpec, compute_signals
 from genattr.metrics.detection import auroc
 
 

@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from genattr.methods.base import RunContext
-from genattr.methods.provenance import classes as cls_mod
-from genattr.methods.provenance.assets import TaskAssets
-from genattr.methods.provenance.parallel import sweep
-from genattr.methods.provenance.settings import TracerSettings
-from genattr.methods.provenance.state import TracerState
+from genattr.methods.tracing import classes as cls_mod
+from genattr.methods.tracing.assets import TaskAssets
+from genattr.methods.tracing.parallel import sweep
+from genattr.methods.tracing.settings import TracerSettings
+from genattr.methods.tracing.state import TracerState
 
 SPLITS = ("train", "val", "test")
 
