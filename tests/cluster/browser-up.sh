@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install Debian's Chromium + ChromeDriver for the MLflow UI test (tests/test_mlflow_ui.py), if missing.
+# Install Debian's Chromium + ChromeDriver for the MLflow UI test (tests/tracking/test_mlflow_ui.py), if missing.
 # Needs root and Debian's package archive; the test skips itself (with this hint) where they are absent.
 set -euo pipefail
 if [[ -x /usr/bin/chromium && -x /usr/bin/chromedriver ]]; then exit 0; fi

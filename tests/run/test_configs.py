@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from genattr.config import apply_twin_profile, check_compatibility, explicit_override_keys
 from genattr.utils.errors import ConfigError
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = ["data", "method", "model", "trainer", "tracking", "paths", "debug", "experiment", "local"]
 
 

@@ -1,6 +1,6 @@
 """An MLflow outage never kills a run and never loses a metric: calls wait in a spool and are replayed.
 
-The server is a real ``mlflow server`` (tests/mlflow_server.py) that the tests stop and start again on the same
+The server is a real ``mlflow server`` (tests/helpers/mlflow_server.py) that the tests stop and start again on the same
 port and database, the way a tracking server restarts under a running sweep.
 """
 
@@ -15,14 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.mlflow_server import free_port, mlflow_server
 from mlflow import MlflowClient
-from mlflow_server import free_port, mlflow_server
 
 from genattr.tracking.mlflow import MLflowTracker
 from genattr.tracking.replay import replay
 from genattr.tracking.spool import SPOOL_FILE, Spool, is_transient
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_transient_errors_are_told_apart_from_bad_requests():

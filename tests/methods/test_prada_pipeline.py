@@ -16,9 +16,9 @@ import pytest
 import torch
 from accelerate import Accelerator
 from conftest import compose_config
+from helpers.prada_fakes import FakeGenerator, FakeTokenizer, write_fake_task
 from omegaconf import OmegaConf
 from PIL import Image
-from prada_fakes import FakeGenerator, FakeTokenizer, write_fake_task
 from safetensors.torch import load_file
 
 from genattr.config import apply_twin_profile, check_compatibility

@@ -28,7 +28,7 @@ from genattr.models.face_checkpoint import original_names
 from genattr.models.face_vit import FaceViT, build_face_vit
 from genattr.utils.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CKPT = {"lora": "drop", "lora_alpha": 1}
 # a small original-shaped model: the original's attention width is dim_head (64) x heads, so dim = 64 x heads
 SMALL = dict(img_size=32, patch_size=8, embed_dim=128, depth=2, num_heads=2, mlp_dim=256)

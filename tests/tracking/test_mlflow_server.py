@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.mlflow_server import mlflow_server
 from mlflow import MlflowClient
-from mlflow_server import mlflow_server
 
 from genattr.tracking.mlflow import MLflowTracker
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # one sweep job's worth of tracking traffic: ~200 params, 10 metric steps, tags, an artifact, the end
 JOB = textwrap.dedent(

@@ -10,7 +10,7 @@ under the paper's mean pooling rar 83 / var 95.6 (median: rar 98.9 / var 93), to
 Stage 2 given the true family rar 56 % / var 25 %, PRADA own-vs-outlier AUROC mean 89 % on the inverse decoder's
 tokens (80 % on the original encoder's). The VAR-side numbers are capped by multi-scale token recovery (greedy
 re-quantisation of the exact latent recovers ≈60 % of sampled tokens); PRADA from the PNGs stays below the > 90 %
-it reaches on sampled tokens (tests/test_prada_twin.py).
+it reaches on sampled tokens (tests/methods/test_prada_twin.py).
 Issue 16 (same twin, a second machine, before -> after): the twin profile's Algorithm 3 (official rounds and 200
 steps, rizvisaira's init logit 10 + keep-best) QuantLoss AUC var 96.8 -> 97.2, Stage 1 10 -> 40 s (two-stage run
 74 -> 102 s) on the 2-core CPU (the official init 0.5 without keep-best: var 48, token recovery 3 %); PRADA's noise on
@@ -102,7 +102,7 @@ def test_one_step_prada_runs_end_to_end(runs) -> None:
     aurocs = [res["diagnostics"][f"test/prada_own_vs_outlier_auroc_{v}"] for v in LABELS[:8]]
     assert all(0.0 <= a <= 100.0 for a in aurocs)
     # 90.1 measured (min 80.4) with the twin profile's 64 fresh samples per model; PRADA's > 90 holds on
-    # sampled tokens (tests/test_prada_twin.py), re-tokenised PNGs lose part of the CFG shift
+    # sampled tokens (tests/methods/test_prada_twin.py), re-tokenised PNGs lose part of the CFG shift
     assert np.mean(aurocs) >= 85.0 and min(aurocs) >= 75.0, aurocs
     assert res["stage_details"]["prada"]["n_generated"] == 64 * 8
     assert (folder / "plots" / "scores_rar_test.png").is_file()

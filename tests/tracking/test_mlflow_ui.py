@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow_server import mlflow_server
+from helpers.mlflow_server import mlflow_server
 
 from genattr.tracking.mlflow import MLflowTracker
 

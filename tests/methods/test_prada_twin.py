@@ -26,7 +26,7 @@ from genattr.models.autoregressive.family import load_family
 from genattr.models.tokenizers.optimized_quant import optimized_quantize, quant_loss
 from genattr.twins.rarvar import LABELS, VARIANTS, build_rarvar_twin, procedural, to_uint8
 
-CONF = Path(__file__).parents[1] / "conf"
+CONF = Path(__file__).parents[2] / "conf"
 #: the method's defaults and the twin profile's overrides of them (conf/method/prada.yaml, conf/data/rarvar.yaml)
 METHOD = OmegaConf.load(CONF / "method/prada.yaml")
 TWIN_PROFILE = OmegaConf.load(CONF / "data/rarvar.yaml").twin_profile.method

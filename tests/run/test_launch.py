@@ -12,7 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["debug=default", "data.twin.n_train=8", "data.twin.n_val=8", "data.tasks=[gaugan,biggan]"]
 
 

@@ -170,7 +170,8 @@ def test_tracing_runs_sharded_on_two_processes_with_the_one_process_maths(tmp_pa
 
     # the trainings under DDP: each process trains on its share of every global batch (inverse decoders,
     # classifier); the gradients are the same means up to float rounding and the classifier's BatchNorm statistics
-    # are per share, so only the shares are asserted here (1 process: tests above and tests/test_prada_pipeline.py)
+    # are per share, so only the shares are asserted here (1 process: tests above and
+    # tests/methods/test_prada_pipeline.py)
     ddp = launch(SMALL["tracing"], tmp_path / "ddp", nproc=2)
     check_one_run_of(ddp, 2)
     shares = ddp.results["per_process"]

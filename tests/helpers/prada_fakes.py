@@ -99,7 +99,7 @@ def write_fake_task(root: Path, *, n_train: int = 12, n_val: int = 6, n_test: in
             str(root / "checkpoints" / fam / "tokenizer.safetensors"),
         )
         models[fam] = {
-            "tokenizer": {"_target_": "prada_fakes.FakeTokenizer", "family_kind": fam, "seed": fi + 1},
+            "tokenizer": {"_target_": "helpers.prada_fakes.FakeTokenizer", "family_kind": fam, "seed": fi + 1},
             "tokenizer_checkpoint": f"{fam}/tokenizer.safetensors",
             "variants": {},
         }
@@ -111,7 +111,7 @@ def write_fake_task(root: Path, *, n_train: int = 12, n_val: int = 6, n_test: in
                 str(root / "checkpoints" / fam / f"{v}.safetensors"),
             )
             models[fam]["variants"][v] = {
-                "generator": {"_target_": "prada_fakes.FakeGenerator", "seed": 10 * fi + vi},
+                "generator": {"_target_": "helpers.prada_fakes.FakeGenerator", "seed": 10 * fi + vi},
                 "checkpoint": f"{fam}/{v}.safetensors",
             }
     (root / "checkpoints" / "models.json").write_text(json.dumps(models, indent=1))

@@ -347,7 +347,7 @@ def test_alg3_schedule_is_the_official_one() -> None:
     ``_optimized_quant`` (one call with the default fix_scale=10, then ``range(9, optim_stop_scale, -1)``: 6 rounds,
     1200 steps) and ``third_party/var/var_arch/quant.py`` ``refine_soft_assign`` (logits zeros + 0.5 on the init
     index, re-made every call; tau geometric over iters-1; no keep-best)."""
-    cfg = OmegaConf.load(Path(__file__).parents[1] / "conf/method/prada.yaml").stage1
+    cfg = OmegaConf.load(Path(__file__).parents[2] / "conf/method/prada.yaml").stage1
     alg3 = cfg.alg3
     assert cfg.optimized_quant is True and alg3.keep_best is False
     assert (alg3.iters, alg3.lr, list(alg3.tau)) == (200, 0.1, [2.0, 0.5])

@@ -14,7 +14,7 @@ import pytest
 from genattr.rerun import main as rerun_main
 from genattr.rerun import replay_command
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["debug=default", "data.twin.n_train=8", "data.twin.n_val=8", "data.tasks=[gaugan,biggan]"]
 
 
