@@ -1,9 +1,10 @@
 """Config helpers shared by ``launch.py``, ``genattr.run`` and the tests.
 
-Resolvers are registered explicitly (never at import time) and the *twin profile*
-lives here: when ``data.root`` is null the run uses the dataset's synthetic twin,
-and the data option's ``twin_profile`` scales model / trainer / method down to
-CPU size. Keys the user set on the command line always win over the profile.
+Resolvers are registered explicitly (never at import time) and the *CPU profile* lives
+here: ``profile=cpu`` applies the data option's ``cpu_profile`` (model / trainer / method
+scaled down to a CPU), ``profile=paper`` keeps the paper's settings, and ``profile=auto``
+(the default) means ``cpu`` on a twin (``data.root: null``) and ``paper`` on real data.
+Keys the user set on the command line always win over the profile.
 """
 
 from __future__ import annotations
@@ -54,17 +55,38 @@ def _leaves(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix, node)]
 
 
-def apply_twin_profile(cfg: DictConfig, explicit: set[str]) -> list[str]:
-    """Scale the run down to the twin when ``data.root`` is null; return what changed.
+PROFILES = ("auto", "cpu", "paper")
+_UNSET = object()
 
-    The profile is a nested mapping in the data option (``data.twin_profile``) whose
+
+def profile_in_use(cfg: DictConfig) -> str:
+    """``cpu`` or ``paper``: what ``profile`` (``auto`` | ``cpu`` | ``paper``) means for this data."""
+    mode = str(cfg.profile)
+    if mode not in PROFILES:
+        raise ConfigError(f"profile={mode} is not a profile; use one of {'|'.join(PROFILES)}")
+    if mode == "auto":
+        return "cpu" if cfg.data.root is None else "paper"
+    return mode
+
+
+def apply_cpu_profile(cfg: DictConfig, explicit: set[str]) -> list[str]:
+    """Scale the run down to a CPU when :func:`profile_in_use` says ``cpu``; return what changed.
+
+    The profile is a nested mapping in the data option (``data.cpu_profile``) whose
     leaves are config keys (``trainer.epochs``) to set. Leaves whose key (or a parent,
     or the config group) was overridden on the command line are left alone, so
-    ``python launch.py trainer.epochs=5`` means 5 epochs on the twin too.
+    ``python launch.py trainer.epochs=5`` means 5 epochs on the twin too. A data option
+    whose profile only fits its twin (``data.cpu_profile_on_real_data: false``) refuses
+    ``profile=cpu`` on real data.
     """
-    if cfg.data.root is not None or not cfg.data.use_twin_profile:
+    if profile_in_use(cfg) != "cpu":
         return []
-    profile = cfg.data.get("twin_profile")
+    if cfg.data.root is not None and not cfg.data.cpu_profile_on_real_data:
+        raise ConfigError(
+            f"profile=cpu with data={cfg.data.name} on real data (data.root={cfg.data.root}): its cpu_profile shapes "
+            "the twin's models and does not fit the real release; use profile=paper (or auto) with real data"
+        )
+    profile = cfg.data.cpu_profile
     if not profile:
         return []
     changes = []
@@ -77,13 +99,15 @@ def apply_twin_profile(cfg: DictConfig, explicit: set[str]) -> list[str]:
             if _covered(key, values) or (group == "model" and "model" in explicit):
                 continue
             old = OmegaConf.select(cfg, key, default="<unset>")
+            if group == "method" and OmegaConf.select(cfg, ".".join(key.split(".")[:2]), default=_UNSET) is _UNSET:
+                continue  # an option of another method of the family (LoRAX's memory for an NCM run)
             if old != value:
                 OmegaConf.update(cfg, key, value, merge=False, force_add=True)
                 changes.append(f"{key}: {old} -> {value}")
     if changes:
         log.warning(
-            "data.root is null -> synthetic %s twin at CPU scale; twin profile applied "
-            "(data.use_twin_profile=false keeps the paper-scale settings):\n  %s",
+            "profile=cpu (%s): data.cpu_profile of %s applied (profile=paper keeps the paper-scale settings):\n  %s",
+            "the twin" if cfg.data.root is None else "real data",
             cfg.data.name,
             "\n  ".join(changes),
         )

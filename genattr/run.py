@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from genattr.config import (
     CONF_DIR,
-    apply_twin_profile,
+    apply_cpu_profile,
     check_compatibility,
     explicit_override_keys,
+    profile_in_use,
     register_resolvers,
     reject_unknown_additions,
 )
@@ -29,6 +30,7 @@ from genattr.tracking import sweep
 from genattr.tracking.base import NullTracker, Tracker
 from genattr.tracking.mlflow import flatten_params
 from genattr.tracking.spool import SPOOL_FILE
+from genattr.twins.materialize import build_kwargs, mark, materialize, model_overrides
 from genattr.utils.errors import ConfigError
 from genattr.utils.git import git_info
 from genattr.utils.instantiate import build
@@ -97,6 +99,14 @@ def _checkpointer(cfg: DictConfig, out: Path) -> Checkpointer:
     return ckpt
 
 
+def build_protocol(cfg: DictConfig, *, main_process: bool = True, wait: Callable[[], None] | None = None) -> Any:
+    """The data option's protocol; with ``data.root: null`` its twin is written (or found in the cache) first and
+    read by the same real loader. A twin may also decide model keys (a twin-pretrained backbone), set here."""
+    twin = materialize(cfg, main_process=main_process, wait=wait)
+    model_overrides(cfg, twin)
+    return mark(build(cfg.data, **build_kwargs(twin)), twin)
+
+
 def _tracker(cfg: DictConfig, main_process: bool) -> Tracker:
     if not main_process:
         return NullTracker()
@@ -108,7 +118,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Report:
     register_resolvers()
     overrides = _hydra_overrides() if overrides is None else list(overrides)
     reject_unknown_additions(overrides, _compose)
-    twin_changes = apply_twin_profile(cfg, explicit_override_keys(overrides))
+    profile_changes = apply_cpu_profile(cfg, explicit_override_keys(overrides))
     check_compatibility(cfg)
     out = Path(cfg.paths.output_dir)
     seed_everything(int(cfg.seed), deterministic=bool(cfg.trainer.deterministic))
@@ -124,13 +134,15 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Report:
         "method": str(cfg.method.name),
         "data": str(cfg.data.name),
         "data_source": source,
+        "profile": profile_in_use(cfg),
         "seed": str(cfg.seed),
         "task_name": str(cfg.task_name),
         "output_dir": str(out),
         "overrides": " ".join(overrides)[:5000],
         **git_info(cfg.paths.root_dir),
     } | {f"tag.{t}": "true" for t in cfg.get("tags") or []}
-    run_id = found[1].get("mlflow_run_id") if found else None
+    fingerprint = config_fingerprint(cfg)
+    run_id = found[1].get("mlflow_run_id") if found else _run_before_any_checkpoint(cfg, out, tracker, fingerprint)
     if main:
         tracker.attach_spool(out / SPOOL_FILE)  # an MLflow outage spools here instead of failing the run
     parent = _parent_run(tracker)
@@ -145,11 +157,13 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Report:
     try:
         if main:
             out.mkdir(parents=True, exist_ok=True)
-            _write_run_info(out, tracker, tags, overrides, parent, resumed_from=found[0] if found else None)
+            _write_run_info(
+                out, tracker, tags, overrides, parent, resumed_from=found[0] if found else None, fingerprint=fingerprint
+            )
             atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
             tracker.log_artifact(out / "config.yaml", "config")
-            if twin_changes:
-                tracker.log_dict({"applied": twin_changes}, "config/twin_profile.json")
+            if profile_changes:
+                tracker.log_dict({"applied": profile_changes}, "config/cpu_profile.json")
         ctx = RunContext(
             accelerator=accelerator,
             tracker=tracker,
@@ -159,7 +173,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Report:
             stop_after_task=cfg.get("stop_after_task"),
             config_fingerprint=config_fingerprint(cfg),
         )
-        protocol = build(cfg.data)
+        protocol = build_protocol(cfg, main_process=main, wait=accelerator.wait_for_everyone)
         if main:
             tracker.log_dict(_jsonable(protocol.info), "data/info.json")
         method = build(
@@ -169,6 +183,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Report:
         )
         report = method.run(protocol, ctx)
         if main:
+            _record_bad_images(report, protocol)
             _write_outputs(report, out, tracker)
     except (SystemExit, KeyboardInterrupt):
         # preempted / timed out (submitit requeues the job) or stopped by hand: the run continues later
@@ -206,8 +221,27 @@ def _cluster_tags(world_size: int) -> dict[str, str]:
     return tags
 
 
+def _run_before_any_checkpoint(cfg: DictConfig, out: Path, tracker: Tracker, fingerprint: str) -> str | None:
+    """With ``resume=auto``, the MLflow run of an attempt in this folder that died before its first checkpoint
+    (same settings, same tracking store): the rerun continues it instead of leaving it RUNNING beside a new one."""
+    info = sweep.read_json(out / sweep.RUN_INFO_FILE) or {}
+    same_store = (info.get("tracking_uri"), info.get("experiment")) == (
+        getattr(tracker, "tracking_uri", None),
+        getattr(tracker, "experiment", None),
+    )
+    if str(cfg.resume) != "auto" or info.get("config_fingerprint") != fingerprint or not same_store:
+        return None
+    return info.get("mlflow_run_id")
+
+
 def _write_run_info(
-    out: Path, tracker: Tracker, tags: dict[str, str], overrides: list[str], parent: str | None, resumed_from: Any
+    out: Path,
+    tracker: Tracker,
+    tags: dict[str, str],
+    overrides: list[str],
+    parent: str | None,
+    resumed_from: Any,
+    fingerprint: str,
 ) -> None:
     """``run_info.json``: the run's MLflow id and provenance, read by the sweep callback and ``make rerun``."""
     info = {
@@ -217,6 +251,7 @@ def _write_run_info(
         "parent_run_id": parent,
         "overrides": overrides,
         "resumed_from": str(resumed_from) if resumed_from else None,
+        "config_fingerprint": fingerprint,
         "started_at": time.time(),
         **{k: v for k, v in tags.items() if k in ("git_sha", "git_dirty", "world_size", "slurm_job_id")},
         "slurm_restart_count": int(tags.get("slurm_restart_count", 0)),
@@ -230,6 +265,14 @@ def _record_run_id(out: Path, tracker: Tracker) -> None:
     info = json.loads(path.read_text()) if path.is_file() else {}
     if tracker.run_id is not None and info.get("mlflow_run_id") != tracker.run_id:
         atomic_write_json(path, {**info, "mlflow_run_id": tracker.run_id})
+
+
+def _record_bad_images(report: Report, protocol: Any) -> None:
+    """Images left out under ``data.on_bad_image=skip`` (at the scan and at decode time) go into the results."""
+    stats = getattr(protocol, "bad_images", None)
+    if stats is not None:
+        report.results["bad_images"] = stats.as_dict()
+        report.metrics["data/bad_images_skipped"] = float(stats.total)
 
 
 def _write_outputs(report: Report, out: Path, tracker: Tracker) -> None:

@@ -13,6 +13,19 @@ from typing import Any, ClassVar
 
 from torch.utils.data import Dataset
 
+from genattr.data.images import BadImageStats
+from genattr.utils.errors import ConfigError
+
+
+def require_root(root: str | Path | None, dataset: str) -> str | Path:
+    """``root``, or one sentence: builders read folders; the run turns ``data.root: null`` into a twin's folder."""
+    if root is None:
+        raise ConfigError(
+            f"the {dataset} loader needs a folder (data.root); data.root=null is turned into the synthetic twin's "
+            "folder by genattr.run (genattr.twins.materialize), not by the loader"
+        )
+    return root
+
 
 @dataclass
 class Task:
@@ -36,6 +49,8 @@ class ContinualProtocol:
     root: Path
     n_classes: int
     info: dict[str, Any] = field(default_factory=dict)
+    #: images left out under ``data.on_bad_image=skip``; read at the end, it holds the decode-time skips too
+    bad_images: BadImageStats | None = None
 
     @property
     def task_names(self) -> list[str]:

@@ -3,19 +3,18 @@
 Layout and label rules follow LoRAX / CDDB-DyTox (``specs/lorax_cddb.md`` 2.1-2.3):
 ``<root>/<task>/{train,val}/[<subcategory>/]{0_real,1_fake}/*``, task ``i`` adds the
 classes real = 2i and fake = 2i+1, sub-categories merge into one real and one fake
-class, and ``val`` is the test set. ``root: null`` builds the synthetic twin and reads
-it with this same loader.
+class, and ``val`` is the test set. With ``root: null`` the run builds the synthetic twin
+(:mod:`genattr.twins.cddb`) and this same loader reads it.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from genattr.data.base import ContinualProtocol, Task
+from genattr.data.base import ContinualProtocol, Task, require_root
 from genattr.data.images import (
     BadImageStats,
     ImageListDataset,
@@ -115,24 +114,6 @@ def _check_tasks(tasks: Sequence[str]) -> list[str]:
     return tasks
 
 
-def _twin_root(cache_dir: str | None, twin: Mapping[str, Any] | None, crop: int) -> Path:
-    """Generate (or reuse) the synthetic twin; lazy import keeps real runs free of it."""
-    from genattr.twins.cddb import ensure_cddb_twin
-
-    kwargs = {str(k): v for k, v in (twin or {}).items()}
-    image_size = int(kwargs.get("image_size", 40))
-    if image_size < crop:
-        raise ConfigError(
-            f"data.crop={crop} is larger than the twin's image_size={image_size}; "
-            "set data.twin.image_size >= data.crop (the twin is cropped like CDDB, "
-            "never resized)"
-        )
-    if cache_dir is None:
-        cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "genattr")
-        log.warning("data.cache_dir is not set; caching the CDDB twin under %s", cache_dir)
-    return ensure_cddb_twin(cache_dir, **kwargs)
-
-
 def build_cddb(
     *,
     name: str,
@@ -140,8 +121,6 @@ def build_cddb(
     root: str | None,
     crop: int,
     on_bad_image: str = "error",
-    twin: Mapping[str, Any] | None = None,
-    cache_dir: str | None = None,
     splits: Mapping[str, str] | None = None,
 ) -> ContinualProtocol:
     """Build a CDDB scenario (``conf/data/cddb_*.yaml`` ``_target_``).
@@ -154,22 +133,14 @@ def build_cddb(
     check_bad_image_policy(on_bad_image)
     split_dirs = {"train": "train", "test": "val", **dict(splits or {})}
     crop = int(crop)
-    if root is None:
-        log.warning(
-            "data.root is null: using the SYNTHETIC CDDB twin, not the real CDDB data "
-            "(set data.root to the CDDB folder for real results)"
+    data_root = Path(require_root(root, "CDDB")).expanduser()
+    if not data_root.is_dir():
+        raise DataError(
+            f"data.root={root} does not exist; point it at the folder holding "
+            f"{', '.join(t + '/' for t in CDDB_TASKS[:3])} ... or set data.root=null for the synthetic twin"
         )
-        source, data_root = "twin", _twin_root(cache_dir, twin, crop)
-    else:
-        source, data_root = "real", Path(root).expanduser()
-        if not data_root.is_dir():
-            raise DataError(
-                f"data.root={root} does not exist; point it at the folder holding "
-                f"{', '.join(t + '/' for t in CDDB_TASKS[:3])} ... or set data.root=null "
-                "for the synthetic twin"
-            )
 
-    stats = BadImageStats()
+    stats = BadImageStats.for_policy(on_bad_image)
     counts: dict[str, dict[str, dict[str, int]]] = {}
     n_sub: dict[str, int] = {}
     task_objs: list[Task] = []
@@ -194,7 +165,7 @@ def build_cddb(
                 on_bad_image=on_bad_image,
                 stats=stats,
             )
-            sets[role] = ImageListDataset(samples, transform)
+            sets[role] = ImageListDataset(samples, transform, on_bad_image=on_bad_image, stats=stats)
         log.info(
             "CDDB task %d %s (classes %d/%d, %d sub-categories): %s",
             i,
@@ -220,16 +191,12 @@ def build_cddb(
         "splits": split_dirs,
         "on_bad_image": on_bad_image,
     }
-    if source == "twin":  # plain types, so the tracker can log it like any param
-        info["twin"] = {
-            str(k): list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v
-            for k, v in (twin or {}).items()
-        }
     return ContinualProtocol(
         name=name,
         tasks=task_objs,
-        source=source,
+        source="real",
         root=data_root,
         n_classes=2 * len(task_objs),
         info=info,
+        bad_images=stats,
     )

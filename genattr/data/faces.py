@@ -43,22 +43,16 @@ def build_casia100(
     image_size: int,
     scenario: Mapping[str, Any],
     on_bad_image: str = "error",
-    twin: Mapping[str, Any] | None = None,
-    cache_dir: str | None = None,
 ) -> ForgettingProtocol:
     """Build the CASIA-100 forgetting scenario (``conf/data/casia100.yaml`` ``_target_``)."""
     check_bad_image_policy(on_bad_image)
-    source, data_root = identity_data_root(
-        root, cache_dir=cache_dir, twin=twin, layout="casia", label="CASIA-100", expected=LAYOUT
-    )
+    data_root = identity_data_root(root, label="CASIA-100", expected=LAYOUT)
     return protocol_from_class_folders(
         name=name,
-        source=source,
         data_root=data_root,
         classes=class_folders(data_root, LAYOUT),
         transform=face_transform(int(image_size)),
         scenario=scenario,
         on_bad_image=on_bad_image,
-        twin=twin,
         info={"image_size": int(image_size), "layout": "casia"},
     )

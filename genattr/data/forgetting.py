@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from genattr.data.base import require_root
 from genattr.data.images import BadImageStats, ImageListDataset, Sample, scan_image_folder
 from genattr.utils.errors import ConfigError, DataError
 
@@ -64,6 +65,8 @@ class ForgettingProtocol:
     task_subsets: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     missing: tuple[int, ...] = ()
     info: dict[str, Any] = field(default_factory=dict)
+    #: images left out under ``data.on_bad_image=skip``; read at the end, it holds the decode-time skips too
+    bad_images: BadImageStats | None = None
 
     @property
     def task_names(self) -> list[str]:
@@ -218,15 +221,15 @@ def task_subsets(
     ``(subset_seed, task)``. Otherwise one subset for the run (:func:`select_subset`),
     cut to each task's classes.
     """
-    seed = int(scenario.get("subset_seed", 1337))
+    seed = int(scenario["subset_seed"])
     kw = {
-        "data_ratio": scenario.get("data_ratio"),
-        "few_shot": scenario.get("few_shot"),
-        "ratio_over_split": bool(scenario.get("ratio_over_split", True)),
+        "data_ratio": scenario["data_ratio"],
+        "few_shot": scenario["few_shot"],
+        "ratio_over_split": bool(scenario["ratio_over_split"]),
     }
     miss = set(int(c) for c in missing)
     out = []
-    if bool(scenario.get("subset_per_task", True)):
+    if bool(scenario["subset_per_task"]):
         for task in tasks:
             rng = np.random.default_rng([seed, task.index])
             forget = draw_task_subset(labels, task.forget, rng=rng, **kw)
@@ -261,7 +264,7 @@ def read_class_folders(
             raise DataError(f"{folder} does not exist; every class of {root / 'train'} needs a folder in {split}/ too")
         paths = scan_image_folder(folder, min_size=min_size, on_bad_image=on_bad_image, stats=stats)
         samples += [Sample(str(p), label, 0) for p in paths]
-    return ImageListDataset(samples, transform)
+    return ImageListDataset(samples, transform, on_bad_image=on_bad_image, stats=stats)
 
 
 def class_folders(root: Path, layout_hint: str) -> list[str]:
@@ -273,6 +276,21 @@ def class_folders(root: Path, layout_hint: str) -> list[str]:
     if not names:
         raise DataError(f"{root / 'train'} holds no class folders; expected the layout {layout_hint}")
     return names
+
+
+#: every key of ``data.scenario`` (one default each, in ``conf/data/_forgetting_scenario.yaml``)
+SCENARIO_KEYS = (
+    "order_seed",
+    "num_tasks",
+    "first_classes",
+    "per_task",
+    "data_ratio",
+    "subset_per_task",
+    "ratio_over_split",
+    "few_shot",
+    "missing",
+    "subset_seed",
+)
 
 
 def build_forgetting_protocol(
@@ -289,15 +307,18 @@ def build_forgetting_protocol(
 ) -> ForgettingProtocol:
     """Class order, tasks and the training subset from ``data.scenario``."""
     sc = dict(scenario)
+    lacking = [k for k in SCENARIO_KEYS if k not in sc]
+    if lacking:
+        raise ConfigError(f"data.scenario lacks {lacking}; conf/data/_forgetting_scenario.yaml lists every key")
     n = len(class_names)
-    order = class_order(n, int(sc.get("order_seed", 1337)))
+    order = class_order(n, int(sc["order_seed"]))
     tasks = make_tasks(
         order,
         num_tasks=int(sc["num_tasks"]),
         first_classes=int(sc["first_classes"]),
         per_task=int(sc["per_task"]),
     )
-    n_missing = int(sc.get("missing", 0) or 0)
+    n_missing = int(sc["missing"] or 0)
     if n_missing < 0 or n_missing > int(sc["first_classes"]) - (int(sc["num_tasks"]) - 1) * int(sc["per_task"]):
         raise ConfigError(f"data.scenario.missing={n_missing} must be >= 0 and leave them in every remaining set")
     missing = tuple(order[:n_missing])
@@ -306,8 +327,8 @@ def build_forgetting_protocol(
     counts = np.bincount(train.labels[subset], minlength=n)
     log.info(
         "training subsets drawn %s (data.scenario.subset_per_task=%s; the original draws per task)",
-        "per task" if bool(sc.get("subset_per_task", True)) else "once per run",
-        bool(sc.get("subset_per_task", True)),
+        "per task" if bool(sc["subset_per_task"]) else "once per run",
+        bool(sc["subset_per_task"]),
     )
     info = {
         "n_classes": n,
@@ -347,42 +368,30 @@ def build_forgetting_protocol(
         task_subsets=per_task,
         missing=missing,
         info=info,
+        bad_images=stats,
     )
 
 
-def identity_data_root(
-    root: str | None, *, cache_dir: str | None, twin: Mapping[str, Any] | None, layout: str, label: str, expected: str
-) -> tuple[str, Path]:
-    """``("real", root)`` after checking it exists, or ``("twin", <generated twin root>)`` when ``root`` is null."""
-    if root is None:
-        log.warning("data.root is null: using the SYNTHETIC %s twin (set data.root for real results)", label)
-        import os
-
-        from genattr.twins.identities import ensure_identity_twin
-
-        if cache_dir is None:
-            cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "genattr")
-        return "twin", ensure_identity_twin(cache_dir, layout=layout, **dict(twin or {}))
-    data_root = Path(root).expanduser()
+def identity_data_root(root: str | None, *, label: str, expected: str) -> Path:
+    """``root`` as a folder, after checking it exists (a twin's root is a folder like any other)."""
+    data_root = Path(require_root(root, label)).expanduser()
     if not data_root.is_dir():
         raise DataError(f"data.root={root} does not exist; expected {expected}, or data.root=null for the twin")
-    return "real", data_root
+    return data_root
 
 
 def protocol_from_class_folders(
     *,
     name: str,
-    source: str,
     data_root: Path,
     classes: list[str],
     transform: Callable[[Any], Any],
     scenario: Mapping[str, Any],
     on_bad_image: str,
-    twin: Mapping[str, Any] | None,
     info: dict[str, Any],
 ) -> ForgettingProtocol:
     """Read ``train``/``test`` class folders (bad-image policy applied) into a forgetting protocol."""
-    stats = BadImageStats()
+    stats = BadImageStats.for_policy(on_bad_image)
     sets = {
         split: read_class_folders(
             data_root,
@@ -395,11 +404,9 @@ def protocol_from_class_folders(
         )
         for split in ("train", "test")
     }
-    if source == "twin":
-        info = info | {"twin": dict(twin or {})}
     return build_forgetting_protocol(
         name=name,
-        source=source,
+        source="real",
         root=data_root,
         class_names=classes,
         train=sets["train"],

@@ -71,24 +71,18 @@ def build_imagenet100(
     crop: int,
     scenario: Mapping[str, Any],
     on_bad_image: str = "error",
-    twin: Mapping[str, Any] | None = None,
-    cache_dir: str | None = None,
 ) -> ForgettingProtocol:
     """Build the ImageNet100 forgetting scenario (``conf/data/imagenet100.yaml`` ``_target_``)."""
     check_bad_image_policy(on_bad_image)
-    source, data_root = identity_data_root(
-        root, cache_dir=cache_dir, twin=twin, layout="imagenet100", label="ImageNet100", expected=LAYOUT
-    )
+    data_root = identity_data_root(root, label="ImageNet100", expected=LAYOUT)
     classes = class_folders(data_root, LAYOUT)
     return protocol_from_class_folders(
         name=name,
-        source=source,
         data_root=data_root,
         classes=classes,
         transform=imagenet_transform(int(resize), int(crop)),
         scenario=scenario,
         on_bad_image=on_bad_image,
-        twin=twin,
         info={
             "imagenet_ids": imagenet_ids(data_root, classes),
             "resize": int(resize),

@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from genattr.data.base import require_root
+from genattr.data.images import BadImageStats, image_problem, next_same_label
 from genattr.utils.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,10 @@ class ImageSplit:
     name: str
     paths: list[Path]
     labels: list[str] | None
+    #: ``data.on_bad_image``: under ``skip`` a file that fails at decode time is counted in ``stats`` and replaced
+    #: by the next decodable image of its label (of the split, for the unlabelled test set)
+    on_bad_image: str = "error"
+    stats: BadImageStats | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -73,7 +78,25 @@ class ImageSplit:
         idx = range(len(self.paths)) if indices is None else indices
         if len(idx) == 0:
             return torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
-        return torch.stack([load_png(self.paths[int(i)]) for i in idx])
+        return torch.stack([self._decode(int(i)) for i in idx])
+
+    def _decode(self, i: int) -> torch.Tensor:
+        try:
+            return load_png(self.paths[i])
+        except DataError as err:
+            if self.on_bad_image != "skip" or self.stats is None:
+                raise
+            self.stats.record_decode(self.paths[i], err.__cause__ or err)
+        keys = np.asarray([0] * len(self.paths) if self.labels is None else self.labels)
+        for j in next_same_label(keys, i):
+            try:
+                return load_png(self.paths[j])
+            except DataError as err:
+                self.stats.record_decode(self.paths[j], err.__cause__ or err)
+        raise DataError(
+            f"{self.paths[i]} could not be decoded and no other image of its label in {self.name} decodes either "
+            "(data.on_bad_image=skip replaces a bad file by one of them); check the files of that split"
+        )
 
 
 @dataclass
@@ -93,6 +116,8 @@ class TracingProtocol:
     hidden: dict[str, dict[str, dict[str, str]]] | None = None
     hidden_dir: Path | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    #: images left out under ``data.on_bad_image=skip``; read at the end, it holds the decode-time skips too
+    bad_images: BadImageStats | None = None
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -111,32 +136,48 @@ def load_png(path: str | Path) -> torch.Tensor:
                 im = im.convert("RGB")  # drops alpha / expands grey; never resamples
             arr = np.asarray(im, dtype=np.uint8)
     except _DECODE_ERRORS as err:
-        raise DataError(f"{path} could not be decoded as an image ({err}); replace or delete it") from err
+        raise DataError(
+            f"{path} could not be decoded as an image ({err}); replace or delete it, or set data.on_bad_image=skip"
+        ) from err
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
-def _check_image(path: Path, size: int) -> None:
-    """Header check at scan time: readable and exactly ``size``×``size`` (no resizing happens later)."""
+def _image_problem(path: Path, size: int) -> tuple[str, str] | None:
+    """Scan-time check from the header and the last bytes: readable, complete, exactly ``size``×``size``."""
     try:
-        with Image.open(path) as im:
-            w, h = im.size
-    except _DECODE_ERRORS as err:
-        raise DataError(f"{path} could not be read as an image ({err}); replace or delete it") from err
-    if (w, h) != (size, size):
-        raise DataError(
-            f"{path} is {w}x{h} but the task images are {size}x{size} (data.image_size); images are never "
-            "resized because resampling destroys the codebook alignment the tracer measures"
+        problem = image_problem(path, size=path.stat().st_size, name=str(path), exact_size=size)
+    except OSError as err:
+        problem = ("unreadable", f"{path} could not be opened ({err})")
+    if problem is not None and problem[0] == "wrong_size":
+        problem = (
+            "wrong_size",
+            f"{problem[1].replace('the images must be', 'the task images are')} (data.image_size); images are "
+            "never resized because resampling destroys the codebook alignment the tracer measures",
         )
+    return problem
 
 
-def _images_in(folder: Path, size: int) -> list[Path]:
+def _images_in(folder: Path, size: int, on_bad_image: str, stats: BadImageStats) -> list[Path]:
+    """The usable files of ``folder`` (sorted); a bad one is an error naming it, or skipped and counted."""
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    kept = []
     for p in files:
-        _check_image(p, size)
-    return files
+        problem = _image_problem(p, size)
+        if problem is None:
+            kept.append(p)
+        elif on_bad_image == "skip":
+            stats.record(problem[0], p)
+        else:
+            raise DataError(f"{problem[1]}. Replace or delete it, or set data.on_bad_image=skip (skips are counted)")
+    if not kept:
+        what = "usable images" if files else "images"
+        raise DataError(f"{folder} holds no {what}; every label folder and the test folder need at least one")
+    return kept
 
 
-def _labelled_split(root: Path, split: str, allowed: Sequence[str], size: int) -> ImageSplit:
+def _labelled_split(
+    root: Path, split: str, allowed: Sequence[str], size: int, on_bad_image: str, stats: BadImageStats
+) -> ImageSplit:
     folder = root / split
     if not folder.is_dir():
         raise DataError(f"{folder} does not exist; expected the {split} split with one sub-folder per label")
@@ -155,30 +196,34 @@ def _labelled_split(root: Path, split: str, allowed: Sequence[str], size: int) -
     paths: list[Path] = []
     labels: list[str] = []
     for label in allowed:
-        imgs = _images_in(folder / label, size)
+        imgs = _images_in(folder / label, size, on_bad_image, stats)
         paths += imgs
         labels += [label] * len(imgs)
-    return ImageSplit(split, paths, labels)
+    return ImageSplit(split, paths, labels, on_bad_image, stats)
 
 
-def _test_split(root: Path, size: int, labels_csv: Path | None) -> ImageSplit:
+def _test_split(root: Path, size: int, labels_csv: Path | None, on_bad_image: str, stats: BadImageStats) -> ImageSplit:
     folder = root / "test"
     if not folder.is_dir():
         raise DataError(f"{folder} does not exist; expected the flat test folder of images")
     subdirs = sorted(p for p in folder.iterdir() if p.is_dir())
     if subdirs:
         raise DataError(f"{subdirs[0]} is a sub-folder of test/; the test split is one flat folder of images")
-    paths = _images_in(folder, size)
-    if not paths:
-        raise DataError(f"{folder} holds no images")
+    paths = _images_in(folder, size, on_bad_image, stats)
     labels = None
     if labels_csv is not None and labels_csv.is_file():
         key = read_labels_csv(labels_csv)
+        absent = sorted(n for n in key if not (folder / n).is_file())
+        if absent:
+            raise DataError(
+                f"{labels_csv} lists {folder / absent[0]} (and {len(absent) - 1} more), which does not exist; "
+                "the answer key and the test folder must hold the same images"
+            )
         missing = [p.name for p in paths if p.name not in key]
         if missing:
             raise DataError(f"{labels_csv} has no label for {missing[0]} (and {len(missing) - 1} more test files)")
         labels = [key[p.name] for p in paths]
-    return ImageSplit("test", paths, labels)
+    return ImageSplit("test", paths, labels, on_bad_image, stats)
 
 
 def read_labels_csv(path: Path) -> dict[str, str]:
@@ -256,19 +301,21 @@ def load_rarvar(
     checkpoint_dir: str | Path | None = None,
     test_labels: str | None = "test_labels.csv",
     name: str = "rarvar",
+    on_bad_image: str = "error",
 ) -> TracingProtocol:
     """Read and check the task folder; ``models`` (model-config structure) names the checkpoint files."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"data.root={root} does not exist; point it at the task folder (train/ val/ test/)")
     size = int(image_size)
-    train = _labelled_split(root, "train", LABELS[:8], size)
-    val = _labelled_split(root, "val", LABELS, size)
+    stats = BadImageStats.for_policy(on_bad_image)
+    train = _labelled_split(root, "train", LABELS[:8], size, on_bad_image, stats)
+    val = _labelled_split(root, "val", LABELS, size, on_bad_image, stats)
     labels_csv = None
     if test_labels:
         labels_csv = Path(test_labels).expanduser()
         labels_csv = labels_csv if labels_csv.is_absolute() else root / labels_csv
-    test = _test_split(root, size, labels_csv)
+    test = _test_split(root, size, labels_csv, on_bad_image, stats)
     manifest = root / "checkpoints" / "models.json"
     if models is None and manifest.is_file():
         models, base, prefix = json.loads(manifest.read_text()), manifest.parent, str(manifest)
@@ -291,7 +338,11 @@ def load_rarvar(
         "test_labels": labels_csv is not None and test.labels is not None,
         "hidden_metadata": hidden is not None,
         "checkpoints": {f: str(m.tokenizer_checkpoint.parent) for f, m in parsed.items()},
+        "bad_images": stats.as_dict(),
+        "on_bad_image": on_bad_image,
     }
+    if stats.total:
+        log.warning("skipped %d bad images (data.on_bad_image=skip): %s", stats.total, stats.counts)
     log.info("model-tracer task from %s: %s", root, info)
     return TracingProtocol(
         name=name,
@@ -305,6 +356,7 @@ def load_rarvar(
         hidden=hidden,
         hidden_dir=(root / "hidden") if hidden is not None else None,
         info=info,
+        bad_images=stats,
     )
 
 
@@ -312,33 +364,19 @@ def build_rarvar(
     *,
     name: str,
     root: str | None,
-    image_size: int = 256,
-    models: Mapping[str, Any] | None = None,
-    checkpoint_dir: str | None = None,
-    test_labels: str | None = "test_labels.csv",
-    twin: Mapping[str, Any] | None = None,
-    cache_dir: str | None = None,
+    image_size: int,
+    models: Mapping[str, Any] | None,
+    checkpoint_dir: str | None,
+    test_labels: str | None,
+    on_bad_image: str,
 ) -> TracingProtocol:
-    """``conf/data/rarvar.yaml`` ``_target_``: the real task folder, or the twin generated into the cache."""
-    if root is not None:
-        return load_rarvar(
-            root,
-            image_size=image_size,
-            models=models,
-            checkpoint_dir=checkpoint_dir,
-            test_labels=test_labels,
-            name=name,
-        )
-    from genattr.twins import rarvar as twin_mod
-
-    log.warning(
-        "data.root is null: using the SYNTHETIC model-tracer twin (tiny RAR/VAR-like families trained on "
-        "procedural images), not the real task"
+    """``conf/data/rarvar.yaml`` ``_target_``: the task folder (a twin's folder is read the same way)."""
+    return load_rarvar(
+        require_root(root, "model-tracer"),
+        image_size=image_size,
+        models=models,
+        checkpoint_dir=checkpoint_dir,
+        test_labels=test_labels,
+        name=name,
+        on_bad_image=on_bad_image,
     )
-    if cache_dir is None:
-        cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "genattr")
-    folder = twin_mod.build_rarvar_twin(cache_dir, **dict(twin or {}))
-    protocol = load_rarvar(folder, image_size=image_size, models=None, test_labels="test_labels.csv", name=name)
-    protocol.source = "twin"
-    protocol.info["twin"] = json.loads((folder / "twin.json").read_text())
-    return protocol

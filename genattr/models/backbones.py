@@ -28,15 +28,12 @@ def create_backbone(
     weights: str | None = None,
     img_size: int | None = None,
     kwargs: Mapping[str, Any] | None = None,
-    twin_pretrain: Mapping[str, Any] | None = None,
-    cache_dir: str | None = None,
     num_classes: int | None = 0,
 ) -> nn.Module:
     """Build ``name`` from timm without a classifier.
 
     ``weights`` (a local ``.safetensors``/``.pth`` file) wins over ``pretrained``; it is
-    what offline cluster nodes use. With ``twin_pretrain.enabled`` and neither of the
-    two, the backbone is pretrained once on the synthetic pretraining set and cached.
+    what offline cluster nodes use (the CDDB twin hands its twin-pretrained backbone over the same way).
     ``num_classes=None`` keeps timm's own head (e.g. the projection to a CLIP embedding).
     """
     extra = dict(kwargs or {})
@@ -55,23 +52,59 @@ def create_backbone(
         if not path.is_file():
             raise ConfigError(f"model.weights={weights} does not exist (expected a .safetensors or .pth file).")
         log.info("loading %s weights from %s", name, path)
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **extra)
+        keys = _weight_keys(path, weights)
+        try:
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **extra)
+        except RuntimeError as err:  # load_state_dict's size mismatches, or a stem timm cannot adapt
+            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
+            why = next((ln for ln in lines if ln.startswith("size mismatch")), lines[0]).rstrip(".")
+            raise ConfigError(f"model.weights={weights} does not fit {name} ({why}); use a {name} checkpoint") from err
+        _check_weight_keys(model, keys, name, weights)
+        return model
     if pretrained:
         _check_hub_reachable(name)
         return timm.create_model(name, pretrained=True, **extra)
-    model = timm.create_model(name, pretrained=False, **extra)
-    if twin_pretrain and twin_pretrain.get("enabled"):
-        from genattr.twins.backbone import ensure_twin_backbone
+    return timm.create_model(name, pretrained=False, **extra)
 
-        if cache_dir is None:
-            raise ConfigError("model.cache_dir must be set to cache the twin-pretrained backbone.")
-        file = ensure_twin_backbone(model, name=name, extra=extra, cache_dir=Path(cache_dir), **twin_pretrain)
-        from safetensors.torch import load_file
 
-        missing, unexpected = model.load_state_dict(load_file(file), strict=False)
-        if missing or unexpected:
-            raise RuntimeError(f"twin backbone {file} does not match {name}: {missing} {unexpected}")
-    return model
+def _weight_keys(path: Path, weights: str) -> set[str]:
+    """Tensor names in a weight file (safetensors header, or a ``weights_only`` torch load), as timm reads them."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as fh:
+                return set(fh.keys())
+        import torch
+
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - any parse failure means the file is not a weight file
+        raise ConfigError(
+            f"model.weights={weights} is not a readable .safetensors / .pth state dict ({type(err).__name__}: {err})"
+        ) from err
+    for wrapper in ("state_dict", "model", "state_dict_ema"):  # the wrappers timm unpacks
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, dict):
+        raise ConfigError(f"model.weights={weights} does not hold a state dict (found {type(obj).__name__})")
+    return {k[len("module.") :] if k.startswith("module.") else k for k in obj}
+
+
+def _check_weight_keys(model: nn.Module, keys: set[str], name: str, weights: str) -> None:
+    """Refuse another model's file: with ``num_classes`` changed timm loads non-strictly and would keep random weights.
+
+    At least half of the model's tensors must be named in the file (timm's converters rename a few, never most).
+    """
+    own = set(model.state_dict())
+    shared = own & keys
+    if len(shared) * 2 >= len(own):
+        return
+    missing, extra = sorted(own - keys), sorted(keys - own)
+    raise ConfigError(
+        f"model.weights={weights} does not hold {name} weights: only {len(shared)} of the model's {len(own)} tensors "
+        f"are in it (missing e.g. {missing[:3]}; the file has e.g. {extra[:3]}); point it at a {name} checkpoint"
+    )
 
 
 def hub_offline() -> bool:

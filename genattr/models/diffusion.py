@@ -80,6 +80,14 @@ def load_unet_weights(net: torch.nn.Module, path: str | Path) -> None:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any parse failure is a bad file
         raise DataError(f"{path} is not a readable UNet state dict ({type(err).__name__}: {err})") from err
+    own = net.state_dict()
+    wrong = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise DataError(
+            f"{path} does not match model.unet: {len(wrong)} tensors have another shape (e.g. {k} is "
+            f"{tuple(state[k].shape)}, the model's {tuple(own[k].shape)}); pick the model config it was trained with"
+        )
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise DataError(

@@ -171,7 +171,7 @@ def build_face_vit(
     class_ids: Sequence[int] | None = None,
     name: str = "vit_face_p8s8",
     weights: str | None = None,
-    head: Mapping[str, float] | None = None,
+    head: Mapping[str, float],
     checkpoint: Mapping[str, Any] | None = None,
     **arch: Any,
 ) -> FaceViT:
@@ -180,8 +180,7 @@ def build_face_vit(
     ``checkpoint`` (``lora``, ``lora_alpha``) says how loralib keys in an original-layout
     ``weights`` file are read.
     """
-    head = dict(head or {})
-    net = FaceViT(num_classes=num_classes, s=float(head.get("s", 64.0)), m=float(head.get("m", 0.35)), **arch)
+    net = FaceViT(num_classes=num_classes, s=float(head["s"]), m=float(head["m"]), **arch)
     ck = dict(checkpoint or {})
     if "lora" in ck and ck["lora"] not in LORA_MODES:
         raise ConfigError(f"model.checkpoint.lora={ck['lora']} is unknown; choose one of {list(LORA_MODES)}")

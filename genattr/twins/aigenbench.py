@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import logging
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from genattr.twins.fingerprints import (
     resample,
     tile_noise,
 )
+from genattr.twins.spec import Twin, plain
 from genattr.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -261,3 +263,11 @@ def ensure_aigenbench_twin(
         return {"generators": [{"name": n, "family": f, "date": d.isoformat()} for n, f, d in plan]}
 
     return cached_twin(cache_dir, "aigenbench_twin", params, generate)
+
+
+def aigenbench_twin(
+    *, data: Mapping[str, Any], model: Mapping[str, Any], params: Mapping[str, Any], cache_dir: Path
+) -> Twin:
+    """``conf/data/aigenbench.yaml`` ``twin._target_``: a ``save_to_disk`` folder and its own timeline table."""
+    root = ensure_aigenbench_twin(cache_dir, **params)
+    return Twin(root=root, info=plain(params), data={"generators": str(root / "generators.csv")})

@@ -105,3 +105,16 @@ def _accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, crop: int) -> fl
     pred = net(xs).argmax(1)
     net.train()
     return float(np.mean((pred == y).numpy()) * 100)
+
+
+def twin_backbone_file(model_cfg: Mapping[str, Any], recipe: Mapping[str, Any], cache_dir: Path) -> Path:
+    """The cached twin-pretrained weights of the timm backbone ``model_cfg`` describes (trained once if missing)."""
+    from genattr.models.backbones import create_backbone
+
+    arch = {"name": model_cfg["name"], "img_size": model_cfg.get("img_size"), "kwargs": model_cfg.get("kwargs")}
+    model = create_backbone(**arch, pretrained=False)
+    extra = dict(arch["kwargs"] or {}) | {"num_classes": 0}
+    if arch["img_size"] is not None:
+        extra["img_size"] = arch["img_size"]
+    with torch.random.fork_rng(devices=[]):
+        return ensure_twin_backbone(model, name=str(arch["name"]), extra=extra, cache_dir=cache_dir, **recipe)

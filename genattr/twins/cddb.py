@@ -12,7 +12,7 @@ bump the version whenever the bytes a parameter set produces change.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,11 @@ import numpy as np
 from PIL import Image
 
 from genattr.data.cddb import CDDB_TASKS, SUBCATEGORIES
+from genattr.twins.backbone import twin_backbone_file
 from genattr.twins.cache import cached_twin
 from genattr.twins.content import domain_style, name_seed, render
 from genattr.twins.fingerprints import TRACES
+from genattr.twins.spec import Twin, plain
 from genattr.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -145,3 +147,24 @@ def ensure_cddb_twin(
         }
 
     return cached_twin(cache_dir, "cddb_twin", params, generate)
+
+
+def cddb_twin(*, data: Mapping[str, Any], model: Mapping[str, Any], params: Mapping[str, Any], cache_dir: Path) -> Twin:
+    """``conf/data/cddb_*.yaml`` ``twin._target_``: the twin tree, and a twin-pretrained backbone when asked.
+
+    The twin is cropped like CDDB, never resized, so its images must be at least ``data.crop``. With
+    ``model.twin_pretrain.enabled`` (and neither ``model.weights`` nor ``model.pretrained``) the backbone is
+    pretrained once on the separate synthetic pretext (:mod:`genattr.twins.backbone`) and handed to the model as
+    ``model.weights``, as a released checkpoint would be.
+    """
+    if int(params["image_size"]) < int(data["crop"]):
+        raise ConfigError(
+            f"data.crop={data['crop']} is larger than the twin's image_size={params['image_size']}; "
+            "set data.twin.image_size >= data.crop (the twin is cropped like CDDB, never resized)"
+        )
+    root = ensure_cddb_twin(cache_dir, **params)
+    weights: dict[str, Any] = {}
+    recipe = dict(model.get("twin_pretrain") or {})
+    if recipe.get("enabled") and model.get("weights") is None and not model.get("pretrained"):
+        weights = {"weights": str(twin_backbone_file(model, recipe, cache_dir))}
+    return Twin(root=root, info=plain(params), model=weights)

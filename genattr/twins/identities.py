@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from genattr.twins.cache import MANIFEST, cached_twin
+from genattr.twins.spec import Twin, plain
 from genattr.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -143,3 +145,10 @@ def ensure_identity_twin(
         lambda tmp: _write(tmp, **{k: v for k, v in params.items() if k != "version"}),
     )
     return final / json.loads((final / MANIFEST).read_text())["root"]
+
+
+def identity_twin(
+    *, data: Mapping[str, Any], model: Mapping[str, Any], params: Mapping[str, Any], cache_dir: Path
+) -> Twin:
+    """``conf/data/{casia100,imagenet100}.yaml`` ``twin._target_``: class folders in that dataset's layout."""
+    return Twin(root=ensure_identity_twin(cache_dir, **params), info=plain(params))

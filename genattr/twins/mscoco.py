@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 from genattr.twins.cache import cached_twin
+from genattr.twins.spec import Twin
 from genattr.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -249,3 +250,17 @@ def ensure_mscoco_twin(
         return _build(tmp, params, model_cfg, trainer)  # its "params" entry is the twin's own settings
 
     return cached_twin(cache_dir, "mscoco_twin", key, generate)
+
+
+def mscoco_twin(
+    *, data: Mapping[str, Any], model: Mapping[str, Any], params: Mapping[str, Any], cache_dir: Path
+) -> Twin:
+    """``conf/data/mscoco.yaml`` ``twin._target_``: the release-format folder with a trained theta0.
+
+    The twin's "latents" are pixels (``pixel_space``), so it needs no VAE and must not be given one.
+    """
+    if data.get("vae") is not None:
+        raise ConfigError("data.vae is set but data.root is null: the twin's latents are pixels and need no VAE")
+    root = ensure_mscoco_twin(cache_dir, **params)
+    info = json.loads((root / "twin.json").read_text())
+    return Twin(root=root, info=info, data={"files": {}}, protocol={"pixel_space": True})

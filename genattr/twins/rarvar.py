@@ -58,6 +58,7 @@ from genattr.models.tokenizers.checkpoint import save_checkpoint
 from genattr.twins.cache import cached_twin
 from genattr.twins.content import domain_style, name_seed, render
 from genattr.twins.rarvar_train import train_generator, train_tokenizer
+from genattr.twins.spec import Twin
 
 log = logging.getLogger(__name__)
 
@@ -374,3 +375,17 @@ def build_rarvar_twin(cache_dir: str | Path | None = None, **overrides: Any) -> 
             return _generate(tmp, **params)
 
     return cached_twin(cache, "rarvar", {**params, "version": GENERATOR_VERSION}, generate)
+
+
+def rarvar_twin(
+    *, data: Mapping[str, Any], model: Mapping[str, Any], params: Mapping[str, Any], cache_dir: Path
+) -> Twin:
+    """``conf/data/rarvar.yaml`` ``twin._target_``: the task folder with its own checkpoints and answer key.
+
+    The twin's models are listed in its ``checkpoints/models.json`` (not in the model config) and its images have
+    the twin's size, so those data keys come from the twin.
+    """
+    root = build_rarvar_twin(cache_dir, **params)
+    info = json.loads((root / "twin.json").read_text())
+    answers = {"models": None, "checkpoint_dir": None, "test_labels": "test_labels.csv"}
+    return Twin(root=root, info=info, data=answers | {"image_size": int(params["image_size"])})

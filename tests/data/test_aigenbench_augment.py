@@ -20,6 +20,7 @@ from genattr.data.aigenbench.augment import (
 from genattr.data.aigenbench.crops import CLIP_MEAN, CLIP_STD, eval_crops, to_model_input, train_crop
 from genattr.data.aigenbench.dataset import build_aigenbench
 from genattr.data.aigenbench.views import FixedAugmentedTrainSet
+from genattr.twins.aigenbench import ensure_aigenbench_twin
 from genattr.utils.errors import ConfigError
 
 N = 1500
@@ -140,11 +141,8 @@ def test_baseline_training_probabilities() -> None:
 
 
 def test_fixed_variants_per_copy_and_element(tmp_path: Path) -> None:
-    p = build_aigenbench(
-        cache_dir=str(tmp_path),
-        generators_per_window=2,
-        twin={"n_windows": 1, "generators_per_window": 2, "image_size": 24, "n_train": 4, "n_val": 2},
-    )
+    twin = ensure_aigenbench_twin(tmp_path, n_windows=1, generators_per_window=2, image_size=24, n_train=4, n_val=2)
+    p = build_aigenbench(root=str(twin), generators=str(twin / "generators.csv"), generators_per_window=2)
     kw = {"augmentation_factor": 4, "pipeline": baseline_train_pipeline(), "crop": "resize", "size": 24}
     a = FixedAugmentedTrainSet(p.train, p.training_positions(0), **kw)
     b = FixedAugmentedTrainSet(p.train, p.training_positions(0), **kw, stream=(5, 0))

@@ -230,13 +230,15 @@ def test_mislabelled_and_undecodable_rows_are_reported(tmp_path: Path) -> None:
     write_aigenbench(bad, {"train": train, "validation": _rows(gens, 1, "validation")})
     with pytest.raises(DataError, match=r"train/CycleGAN/0|file_id 'train/"):
         build_aigenbench(root=str(bad))
-    val = _rows(gens, 1, "validation")
+    val = _rows(gens, 2, "validation")
     val["image"][0] = {"bytes": b"\x89PNG\r\n\x1a\n broken", "path": None}
     corrupt = tmp_path / "corrupt"
     write_aigenbench(corrupt, {"train": _rows(gens, 1, "train"), "validation": val})
-    p = build_aigenbench(root=str(corrupt))
-    with pytest.raises(DataError, match=r"row 0 \(file_id 'validation/"):
-        p.validation.images(0)
+    # found by the scan, before any window trains
+    with pytest.raises(DataError, match=r"row 0 \(file_id 'validation/CycleGAN/0'\) is truncated"):
+        build_aigenbench(root=str(corrupt))
+    p = build_aigenbench(root=str(corrupt), on_bad_image="skip")
+    assert p.info["bad_images"]["counts"] == {"truncated": 1} and 0 not in p.validation.rows.tolist()
 
 
 # -- parity with the original's orders ------------------------------------------------------------

@@ -16,8 +16,9 @@ from genattr.data import images
 from genattr.data.cddb import CDDB_TASKS, SUBCATEGORIES, build_cddb
 from genattr.data.images import ImageListDataset, Sample
 from genattr.data.transforms import test_transform, train_transform
+from genattr.run import build_protocol
 from genattr.twins import cddb as twin_cddb
-from genattr.twins.cddb import ensure_cddb_twin
+from genattr.twins.cddb import cddb_twin, ensure_cddb_twin
 from genattr.twins.pretrain import pretrain_set
 from genattr.utils.errors import ConfigError, DataError
 
@@ -38,9 +39,8 @@ def long(cache: Path):
     return build_cddb(
         name="cddb_long",
         tasks=list(CDDB_TASKS),
-        root=None,
+        root=str(ensure_cddb_twin(cache)),
         crop=CROP,
-        cache_dir=str(cache),
     )
 
 
@@ -122,8 +122,9 @@ def test_twin_is_deterministic_and_cached(tmp_path: Path, monkeypatch: pytest.Mo
     assert not [p for p in a.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
 
-def test_hard_scenario_on_twin(cache: Path, caplog: pytest.LogCaptureFixture) -> None:
-    proto = build_cddb(name="cddb_hard", tasks=HARD, root=None, crop=CROP, cache_dir=str(cache))
+def test_hard_scenario_on_twin(cache: Path, caplog: pytest.LogCaptureFixture, compose_cfg) -> None:
+    ov = ["data=cddb_hard", f"data.twin.cache_dir={cache}", f"data.crop={CROP}", "data.twin.strength=1.0"]
+    proto = build_protocol(compose_cfg(ov))
     assert "SYNTHETIC" in caplog.text
     assert proto.source == "twin" and proto.n_classes == 10
     assert proto.task_names == HARD
@@ -145,9 +146,8 @@ def test_subcategories_merge(cache: Path) -> None:
     proto = build_cddb(
         name="mix",
         tasks=["gaugan", "cyclegan"],
-        root=None,
+        root=str(ensure_cddb_twin(cache)),
         crop=CROP,
-        cache_dir=str(cache),
     )
     cyc = proto.tasks[1]
     assert cyc.classes == (2, 3) and proto.info["subcategories"] == {
@@ -163,7 +163,7 @@ def test_subcategories_merge(cache: Path) -> None:
 
 def test_twin_crop_larger_than_image_is_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="image_size"):
-        build_cddb(name="x", tasks=["san"], root=None, crop=224, cache_dir=str(tmp_path))
+        cddb_twin(data={"crop": 224}, model={}, params={"image_size": 40}, cache_dir=tmp_path)
 
 
 # --------------------------------------------------------------------------- real loader
@@ -202,15 +202,33 @@ def test_unreadable_image_and_skip_policy(mini_root: Path) -> None:
     assert proto.info["counts"]["gaugan"]["val"] == {"real": 3, "fake": 3}
 
 
-def test_truncated_image_fails_on_read(mini_root: Path) -> None:
+def test_truncated_image_is_found_by_the_scan(mini_root: Path) -> None:
+    path = mini_root / "biggan" / "train" / "0_real" / "0.png"
+    path.write_bytes(path.read_bytes()[:200])  # header intact, pixel data and IEND cut
+    with pytest.raises(DataError, match="is truncated: it does not end with the PNG IEND chunk") as err:
+        _build(mini_root)  # a later task's file fails the build, before any training
+    assert str(path) in str(err.value)
+    proto = _build(mini_root, on_bad_image="skip")
+    assert proto.info["bad_images"]["counts"] == {"truncated": 1}
+
+
+def test_corrupt_body_fails_or_is_skipped_on_read(mini_root: Path) -> None:
     path = mini_root / "gaugan" / "train" / "0_real" / "0.png"
-    path.write_bytes(path.read_bytes()[:200])  # header intact, pixel data cut
-    proto = _build(mini_root)  # the header scan cannot see this
-    ds = proto.tasks[0].train
+    data = bytearray(path.read_bytes())
+    data[200:260] = bytes(60)  # header and IEND intact: only decoding can see this
+    path.write_bytes(bytes(data))
+    ds = _build(mini_root).tasks[0].train
     idx = next(i for i, s in enumerate(ds.samples) if s.path == str(path))
     with pytest.raises(DataError, match="could not be decoded") as err:
         ds[idx]
     assert str(path) in str(err.value)
+    proto = _build(mini_root, on_bad_image="skip")
+    raw = proto.tasks[0].train.with_transform(None)
+    x, y = raw[idx]  # the next decodable image of the same class stands in
+    assert y == 0 and torch.equal(x, raw[idx + 1][0])
+    assert proto.bad_images.as_dict()["counts"] == {"undecodable": 1}
+    raw[idx]  # the same file again: still one count
+    assert proto.bad_images.total == 1
 
 
 def test_missing_split_and_class_folders(mini_root: Path) -> None:
@@ -336,10 +354,8 @@ def test_twin_fingerprints_are_learnable_but_not_trivial(long, cache: Path) -> N
     blank = build_cddb(
         name="control",
         tasks=HARD[:3],
-        root=None,
+        root=str(ensure_cddb_twin(cache, tasks=HARD[:3], strength=0.0)),
         crop=CROP,
-        cache_dir=str(cache),
-        twin={"tasks": HARD[:3], "strength": 0.0},
     )
     control = [_binary_accuracy(t) for t in blank.tasks]
     print(f"real/fake {binary}\ncentre pixel {pixel}\nfake-id {np.mean(pred == gen_te)} {per_gen}")

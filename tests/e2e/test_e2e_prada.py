@@ -35,11 +35,11 @@ import torch
 from conftest import compose_config
 from safetensors.torch import load_file
 
-from genattr.data.rarvar import FAMILIES, FAMILY_OF, LABELS, VARIANTS, build_rarvar
+from genattr.data.rarvar import FAMILIES, FAMILY_OF, LABELS, VARIANTS
 from genattr.methods.tracing.assets import TaskAssets
 from genattr.methods.tracing.calibration import fit_calibrator
 from genattr.methods.tracing.likelihood import summary_features
-from genattr.run import run
+from genattr.run import build_protocol, run
 
 pytestmark = pytest.mark.slow
 
@@ -111,10 +111,7 @@ def test_one_step_prada_runs_end_to_end(runs) -> None:
 def test_stage2_separates_variants_from_the_sampled_tokens(runs) -> None:
     """Stage 2's guided-likelihood features + logistic regression on the twin's own generators, fed the sampled
     tokens and classes of the hidden metadata (spec §9.3.5: ≥ 60% size accuracy given the family)."""
-    data_cfg = compose_config(["method=prada", "data=rarvar"], Path("unused")).data
-    protocol = build_rarvar(
-        name="rarvar", root=None, image_size=32, cache_dir=data_cfg.cache_dir, twin=dict(data_cfg.twin)
-    )
+    protocol = build_protocol(compose_config(["method=prada", "data=rarvar"], Path("unused")))
     device = torch.device("cpu")
     assets = TaskAssets(protocol, device)
     for fam in FAMILIES:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from genattr.config import apply_twin_profile, check_compatibility, explicit_override_keys
+from genattr.config import apply_cpu_profile, check_compatibility, explicit_override_keys
 from genattr.data.faces import build_casia100
 from genattr.data.forgetting import ForgetTask, class_order, make_tasks, select_subset, task_subsets
 from genattr.data.imagenet100 import build_imagenet100, imagenet_transform
@@ -33,7 +33,18 @@ from genattr.models.face_vit import FaceViT
 from genattr.models.imagenet_vit import build_imagenet_vit, torchvision_to_timm
 from genattr.utils.errors import ConfigError, DataError
 
-SCENARIO = {"num_tasks": 1, "first_classes": 2, "per_task": 1, "data_ratio": None, "order_seed": 1337}
+SCENARIO = {
+    "num_tasks": 1,
+    "first_classes": 2,
+    "per_task": 1,
+    "data_ratio": None,
+    "order_seed": 1337,
+    "subset_per_task": True,
+    "ratio_over_split": True,
+    "few_shot": None,
+    "missing": 0,
+    "subset_seed": 1337,
+}
 
 
 def tiny_vit(n: int = 5) -> FaceViT:
@@ -171,7 +182,7 @@ def test_subsets_are_drawn_per_task_from_the_forget_and_remain_sets():
     # train_own_forget_cl.py, every task: randperm(len(forget))[:int(len(forget) * data_ratio)], same for remain
     labels = np.repeat(np.arange(10), [7, 9, 11, 13, 15, 17, 19, 21, 23, 25])
     tasks = make_tasks(list(range(10)), num_tasks=2, first_classes=6, per_task=2)
-    sc = {"data_ratio": 0.3, "subset_seed": 5, "subset_per_task": True, "ratio_over_split": True}
+    sc = {"data_ratio": 0.3, "subset_seed": 5, "subset_per_task": True, "ratio_over_split": True, "few_shot": None}
     subs = task_subsets(labels, tasks, scenario=sc, missing=[1])
     for task, (remain, forget) in zip(tasks, subs, strict=True):
         n_forget = int(np.isin(labels, task.forget).sum())
@@ -385,10 +396,10 @@ def test_forgetting_options_compose_with_the_paper_defaults(compose_cfg, overrid
         assert cfg.model.embed_dim == 512 and cfg.model.depth == 6 and cfg.model.head.s == 64.0
 
 
-def test_twin_profile_shrinks_the_face_run_but_the_command_line_wins(compose_cfg):
+def test_cpu_profile_shrinks_the_face_run_but_the_command_line_wins(compose_cfg):
     ov = ["method=gslora", "data=casia100", "trainer.epochs=3"]
     cfg = compose_cfg(ov)
-    apply_twin_profile(cfg, explicit_override_keys(ov))
+    apply_cpu_profile(cfg, explicit_override_keys(ov))
     assert cfg.trainer.epochs == 3 and cfg.model.embed_dim == 64 and cfg.method.bnd == 26.0
     assert cfg.data.scenario.first_classes == 17 and cfg.data.scenario.order_seed == 1337
 

@@ -21,8 +21,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
 
-from genattr.config import apply_twin_profile, check_compatibility
-from genattr.data.rarvar import LABELS, build_rarvar, load_png, load_rarvar
+from genattr.config import apply_cpu_profile, check_compatibility
+from genattr.data.rarvar import FAMILY_OF, LABELS, OUTLIER, build_rarvar, load_png, load_rarvar
 from genattr.engine.checkpoint import Checkpointer
 from genattr.methods.base import RunContext
 from genattr.methods.tracing.calibration import fit_calibrator
@@ -44,7 +44,7 @@ from genattr.utils.instantiate import META_KEYS, build
 
 FAM = ("rar", "var")
 STAGES = {"two_stage": ["models", "family", "variant"], "one_step": ["models", "features", "score_functions"]}
-BUILD_KEYS = ("name", "root", "image_size", "models", "checkpoint_dir", "test_labels", "twin", "cache_dir")
+BUILD_KEYS = ("name", "root", "image_size", "models", "checkpoint_dir", "test_labels", "on_bad_image")
 
 
 # ---------------------------------------------------------------------------------------------- decision rules
@@ -101,7 +101,7 @@ def test_prada_argmax_with_outlier_floor() -> None:
 def test_tracing_metrics_match_hand_computation() -> None:
     true = ["var16", "var16", "rarb", "rarl", "outlier", "outlier", "var30", "rarxl"]
     pred = ["var16", "var20", "rarb", "outlier", "outlier", "rarb", "rarxl", "rarxl"]
-    m = tracing_metrics(true, pred)
+    m = tracing_metrics(true, pred, family_of=FAMILY_OF, outlier=OUTLIER)
     assert m["accuracy"] == pytest.approx(100 * 4 / 8)
     # family: var/var, var/var, rar/rar, rar/out, out/out, out/rar, var/rar, rar/rar -> 5 of 8
     assert m["family_accuracy"] == pytest.approx(100 * 5 / 8)
@@ -110,7 +110,7 @@ def test_tracing_metrics_match_hand_computation() -> None:
     assert m["variant_accuracy"] == pytest.approx(100 * 3 / 4)
     assert m["outlier_precision"] == pytest.approx(100 * 1 / 2)
     assert m["outlier_recall"] == pytest.approx(100 * 1 / 2)
-    c = confusion(true, pred)
+    c = confusion(true, pred, LABELS)
     assert c.sum() == 8 and c[LABELS.index("var16"), LABELS.index("var20")] == 1 and np.trace(c) == 4
 
 
@@ -490,20 +490,20 @@ def test_method_rejects_bad_flags() -> None:
 def test_config_composes_for_both_pipelines(compose_cfg, pipeline: str) -> None:
     overrides = ["method=prada", "data=rarvar", f"method.pipeline={pipeline}", "method.class_source=all"]
     cfg = compose_cfg(overrides)
-    changes = apply_twin_profile(cfg, {"method", "data", "method.pipeline", "method.class_source"})
+    changes = apply_cpu_profile(cfg, {"method", "data", "method.pipeline", "method.class_source"})
     check_compatibility(cfg)
-    assert cfg.data.image_size == cfg.data.twin.image_size == 32 and cfg.method.pipeline == pipeline
-    assert cfg.method.class_source == "all"  # command line wins over the twin profile
+    assert cfg.method.pipeline == pipeline and cfg.data.image_size == 256  # the twin's files say 32 (below)
+    assert cfg.method.class_source == "all"  # command line wins over the cpu profile
     assert any(c.startswith("method.prada.epochs") for c in changes)
     tracer = build(cfg.method, model={}, trainer={})
     assert isinstance(tracer, ModelTracer) and tracer.pipeline == pipeline
 
 
-def test_quirk_flags_are_logged_with_the_originals_defaults_and_the_twin_profile(compose_cfg) -> None:
+def test_quirk_flags_are_logged_with_the_originals_defaults_and_the_cpu_profile(compose_cfg) -> None:
     def flags(twin: bool) -> dict:
         cfg = compose_cfg(["method=prada", "data=rarvar"])
         if twin:
-            apply_twin_profile(cfg, {"method", "data"})
+            apply_cpu_profile(cfg, {"method", "data"})
         # what MLflow gets (config/prada_flags.json) must be plain JSON
         return json.loads(json.dumps(build(cfg.method, model={}, trainer={}).settings.flags()))
 

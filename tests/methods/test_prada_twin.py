@@ -29,7 +29,7 @@ from genattr.twins.rarvar import LABELS, VARIANTS, build_rarvar_twin, procedural
 CONF = Path(__file__).parents[2] / "conf"
 #: the method's defaults and the twin profile's overrides of them (conf/method/prada.yaml, conf/data/rarvar.yaml)
 METHOD = OmegaConf.load(CONF / "method/prada.yaml")
-TWIN_PROFILE = OmegaConf.load(CONF / "data/rarvar.yaml").twin_profile.method
+TWIN_PROFILE = OmegaConf.load(CONF / "data/rarvar.yaml").cpu_profile.method
 #: the twin profile's PRADA position groups for single-scale tokens
 POSITION_GROUPS = TWIN_PROFILE.prada.position_groups
 

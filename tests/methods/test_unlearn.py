@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from genattr.config import apply_twin_profile, check_compatibility, explicit_override_keys
+from genattr.config import apply_cpu_profile, check_compatibility, explicit_override_keys
 from genattr.data.mscoco import load_mscoco
 from genattr.engine.training import shard
 from genattr.methods.attribution.losses import loss_sweep, max_over_flips
@@ -97,13 +97,13 @@ def test_bad_release_files_are_one_sentence_naming_the_file(tmp_path, breakage, 
         load_mscoco(tmp_path)
 
 
-def test_unlearn_composes_with_mscoco_and_the_twin_profile_applies(compose_cfg):
+def test_unlearn_composes_with_mscoco_and_the_cpu_profile_applies(compose_cfg):
     ov = ["method=unlearn", "data=mscoco", "method.unlearn.alpha=0.002"]
     cfg = compose_cfg(ov)
     check_compatibility(cfg)
     assert cfg.model.name == "unet_mscoco" and cfg.model.unet.cross_attention_dim == 1024
     assert cfg.trainer.epochs == 200 and cfg.method.unlearn.draws == 50000
-    apply_twin_profile(cfg, explicit_override_keys(ov))
+    apply_cpu_profile(cfg, explicit_override_keys(ov))
     assert cfg.model.unet.sample_size == 8 and cfg.trainer.batch_size == 32 and cfg.method.unlearn.draws == 512
     assert cfg.method.unlearn.alpha == 0.002  # the command line wins
     OmegaConf.resolve(cfg)

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from test_unlearn import UNET, _write_release
 
-from genattr.config import apply_twin_profile, explicit_override_keys
+from genattr.config import apply_cpu_profile, explicit_override_keys
 from genattr.data.mscoco import load_mscoco, read_train_captions
 from genattr.methods.attribution.features import (
     FeatureTower,
@@ -67,7 +67,7 @@ def test_damping_defaults_to_zero_on_the_paper_config_and_the_twin(compose_cfg):
     ov = ["method=unlearn", "data=mscoco"]
     cfg = compose_cfg(ov)
     assert cfg.method.unlearn.damping == 0  # compute_influence.py: lr * grad / (fisher * len_dataset) / accum
-    apply_twin_profile(cfg, explicit_override_keys(ov))
+    apply_cpu_profile(cfg, explicit_override_keys(ov))
     assert cfg.method.unlearn.damping == 0 and cfg.method.unlearn.alpha == 1e-3
 
 
@@ -181,7 +181,7 @@ def test_regeneration_defaults_are_the_query_pipeline(compose_cfg):
     assert regen == {"scheduler": "ddpm", "steps": 1000, "guidance_scale": 7.5}
     assert cfg.model.scheduler.clip_sample is True and cfg.model.scheduler.num_train_timesteps == 1000
     assert cfg.method.evaluation.clip_similarity is True
-    apply_twin_profile(cfg, explicit_override_keys(ov))
+    apply_cpu_profile(cfg, explicit_override_keys(ov))
     assert cfg.method.evaluation.regen.steps == 100 and cfg.method.evaluation.regen.guidance_scale == 7.5
 
 
@@ -264,7 +264,7 @@ def test_feature_towers_are_the_papers_with_the_authors_preprocessing(compose_cf
     assert dino_cfg.mean == (0.485, 0.456, 0.406) and dino_cfg.std == (0.229, 0.224, 0.225)
     assert all(f["pretrained"] and f["weights"] is None for f in feats.values())
     assert {"clip", "dino"} <= set(cfg.method.baselines) and {"clip", "dino"} <= set(cfg.method.evaluation.methods)
-    apply_twin_profile(cfg, explicit_override_keys(ov))
+    apply_cpu_profile(cfg, explicit_override_keys(ov))
     assert not cfg.method.features.clip.pretrained and cfg.method.features.dino.kwargs.img_size == 32
 
 
@@ -478,12 +478,12 @@ def test_pixel_and_text_baselines_use_decoded_images_and_captions_and_say_so(com
 RECIPE = TrainRecipe(epochs=2, batch_size=4, lr=1e-3, seed=5)
 
 
-def test_retrains_default_to_independent_and_the_twin_profile_couples_them(compose_cfg):
+def test_retrains_default_to_independent_and_the_cpu_profile_couples_them(compose_cfg):
     ov = ["method=unlearn", "data=mscoco"]
     cfg = compose_cfg(ov)
     assert cfg.method.evaluation.coupling == "independent" and cfg.method.text_baseline == "clip"
     assert cfg.method.features.clip_text.name == CLIP_TEXT and cfg.method.features.clip_text.pretrained
-    apply_twin_profile(cfg, explicit_override_keys(ov))
+    apply_cpu_profile(cfg, explicit_override_keys(ov))
     assert cfg.method.evaluation.coupling == "coupled" and cfg.method.text_baseline == "encoder"
     with pytest.raises(Exception, match="method.evaluation.coupling=replay is unknown"):  # (Hydra wraps it)
         _method(compose_cfg, ["method.evaluation.coupling=replay"])

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CKPT = {"lora": "drop", "lora_alpha": 1}
 # a small original-shaped model: the original's attention width is dim_head (64) x heads, so dim = 64 x heads
 SMALL = dict(img_size=32, patch_size=8, embed_dim=128, depth=2, num_heads=2, mlp_dim=256)
+HEAD = {"s": 64.0, "m": 0.35}
 
 # ---- the original layout (bjzhb666/GS-LoRA vit_pytorch_face/vit_face.py, ViT_face.state_dict()) ----
 # top level: pos_embedding and cls_token are registered before patch_to_embedding; the CosFace head is `loss`
@@ -233,7 +234,9 @@ def _save(state: dict[str, torch.Tensor], path: Path, prefix: str = "") -> Path:
 
 
 def _load(path: Path, n_classes: int = 7, checkpoint: dict | None = None, **arch) -> FaceViT:
-    return build_face_vit(num_classes=n_classes, weights=str(path), checkpoint=checkpoint or CKPT, **{**SMALL, **arch})
+    return build_face_vit(
+        num_classes=n_classes, weights=str(path), checkpoint=checkpoint or CKPT, head=HEAD, **{**SMALL, **arch}
+    )
 
 
 def _compare(net: FaceViT, ref: RefViTFace, atol: float = 1e-5) -> None:
@@ -377,7 +380,7 @@ def test_a_pickled_object_or_an_unknown_lora_mode_is_refused(tmp_path):
         _load(path)
     assert "not a readable tensor state dict" in str(err.value)
     with pytest.raises(ConfigError, match="model.checkpoint.lora=both"):
-        build_face_vit(num_classes=2, checkpoint={"lora": "both", "lora_alpha": 1}, **SMALL)
+        build_face_vit(num_classes=2, checkpoint={"lora": "both", "lora_alpha": 1}, head=HEAD, **SMALL)
 
 
 # ---- end to end: launch.py on a CASIA-100-layout tree with a released-layout file --------------

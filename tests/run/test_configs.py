@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
-from genattr.config import apply_twin_profile, check_compatibility, explicit_override_keys
+from genattr.config import apply_cpu_profile, check_compatibility, explicit_override_keys, profile_in_use
 from genattr.utils.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -82,18 +82,31 @@ def test_wrong_protocol_is_one_sentence(compose_cfg):
         check_compatibility(cfg)
 
 
-def test_twin_profile_applies_but_command_line_wins(compose_cfg):
+def test_cpu_profile_applies_on_the_twin_but_command_line_wins(compose_cfg):
     cfg = compose_cfg(["trainer.epochs=7", "model.img_size=48"])
-    changes = apply_twin_profile(cfg, explicit_override_keys(["trainer.epochs=7", "model.img_size=48"]))
+    changes = apply_cpu_profile(cfg, explicit_override_keys(["trainer.epochs=7", "model.img_size=48"]))
     assert cfg.trainer.epochs == 7 and cfg.model.img_size == 48  # user overrides kept
     assert cfg.model.name == "convit_tiny" and cfg.data.crop == 32  # profile applied elsewhere
     assert any(c.startswith("model.name") for c in changes)
 
 
-def test_twin_profile_not_applied_to_real_data(compose_cfg, tmp_path):
+def test_profile_auto_is_paper_on_real_data_and_one_switch_gives_cpu_size(compose_cfg, tmp_path):
+    """A user pointing data.root at real CDDB on a laptop: profile=cpu is the one switch for CPU-size settings."""
     cfg = compose_cfg([f"data.root={tmp_path}"])
-    assert apply_twin_profile(cfg, set()) == []
+    assert profile_in_use(cfg) == "paper" and apply_cpu_profile(cfg, set()) == []
     assert cfg.model.name == "convit_base" and cfg.trainer.epochs == 50
+    cfg = compose_cfg([f"data.root={tmp_path}", "profile=cpu"])
+    assert apply_cpu_profile(cfg, set()) and cfg.model.name == "convit_tiny" and cfg.data.root == str(tmp_path)
+    cfg = compose_cfg(["profile=paper"])  # the twin at the paper's settings
+    assert profile_in_use(cfg) == "paper" and apply_cpu_profile(cfg, set()) == []
+    with pytest.raises(ConfigError, match="profile=fast is not a profile"):
+        apply_cpu_profile(compose_cfg(["profile=fast"]), set())
+
+
+def test_a_profile_that_only_fits_its_twin_refuses_real_data(compose_cfg, tmp_path):
+    cfg = compose_cfg(["method=unlearn", "data=mscoco", f"data.root={tmp_path}", "profile=cpu"])
+    with pytest.raises(ConfigError, match="profile=cpu with data=mscoco on real data"):
+        apply_cpu_profile(cfg, set())
 
 
 def test_a_plus_override_of_an_unknown_key_is_refused_with_a_suggestion(tmp_path):

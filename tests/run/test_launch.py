@@ -54,7 +54,7 @@ def test_offline_pretrained_without_weights_fails_fast(tmp_path):
     proc = _launch(
         *TINY,
         "model=convit_small",
-        "data.use_twin_profile=false",
+        "profile=paper",
         "trainer=cpu",
         "data.crop=32",
         tmp_path=tmp_path,

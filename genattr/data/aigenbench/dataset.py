@@ -1,8 +1,8 @@
 """AI-GenBench as a sliding-windows protocol, read from the real on-disk format.
 
 The benchmark ships as a Hugging Face ``DatasetDict`` written with ``save_to_disk``
-(Arrow shards, splits ``train`` and ``validation``). ``root: null`` writes the synthetic
-twin in exactly that format and reads it with this same loader.
+(Arrow shards, splits ``train`` and ``validation``). With ``root: null`` the run writes the
+synthetic twin in exactly that format (:mod:`genattr.twins.aigenbench`) and this same loader reads it.
 
 Row identity: ``ID`` is the row index within the split *before* filtering to the
 benchmark generators (what the original code and its prediction dumps use);
@@ -33,6 +33,8 @@ from genattr.data.aigenbench.splits import (
     subset_mask,
 )
 from genattr.data.aigenbench.timeline import REAL, Timeline
+from genattr.data.base import require_root
+from genattr.data.images import BadImageStats, check_bad_image_policy, image_problem, next_same_label
 from genattr.utils.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -44,10 +46,25 @@ WINDOW_ORDERS = ("newest_first", "oldest_first")
 
 
 class ArrowImages:
-    """Decodes the ``image`` column of one split on demand; pickles into DataLoader workers."""
+    """Decodes the ``image`` column of one split on demand; pickles into DataLoader workers.
 
-    def __init__(self, root: Path, split: str) -> None:
+    Under ``on_bad_image=skip`` a row that fails only at decode time (the scan passed it) is counted in
+    ``stats`` and replaced by the next decodable row of the same generator (``groups``: one key per row
+    of the split, -1 for rows that must never stand in), so windows and evaluation subsets keep their
+    sizes and labels.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        split: str,
+        *,
+        on_bad_image: str = "error",
+        stats: BadImageStats | None = None,
+        groups: np.ndarray | None = None,
+    ) -> None:
         self.root, self.split = root, split
+        self.on_bad_image, self.stats, self.groups = on_bad_image, stats, groups
         self._table: Any = None
 
     def _column(self) -> Any:
@@ -60,20 +77,116 @@ class ArrowImages:
         return self._table
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"root": self.root, "split": self.split, "_table": None}
+        return {**self.__dict__, "_table": None}
 
-    def __call__(self, row: int) -> Image.Image:
+    def _decode(self, row: int) -> Image.Image:
         item = self._column()[int(row)]
         raw = item["image"] or {}
         try:
-            source = io.BytesIO(raw["bytes"]) if raw.get("bytes") is not None else raw.get("path")
+            if raw.get("bytes") is not None:
+                source: Any = io.BytesIO(raw["bytes"])
+            else:
+                source = _image_path(self.root / self.split, raw.get("path"))
             with Image.open(source) as image:
                 image.load()
                 return image.convert("RGB")
         except Exception as err:  # PIL raises several unrelated types for broken files
             raise DataError(
-                f"{self.root}/{self.split} row {row} (file_id {item.get('file_id')!r}) could not be decoded: {err}"
+                f"{self.root}/{self.split} row {row} (file_id {item.get('file_id')!r}) could not be decoded: {err}; "
+                "replace the image, or set data.on_bad_image=skip (skips are counted)"
             ) from err
+
+    def __call__(self, row: int) -> Image.Image:
+        try:
+            return self._decode(row)
+        except DataError as err:
+            if self.on_bad_image != "skip" or self.stats is None or self.groups is None:
+                raise
+            self.stats.record_decode(f"{self.root}/{self.split} row {row}", err.__cause__ or err)
+        for other in next_same_label(self.groups, int(row)):
+            try:
+                return self._decode(other)
+            except DataError as err:
+                self.stats.record_decode(f"{self.root}/{self.split} row {other}", err.__cause__ or err)
+        raise DataError(
+            f"{self.root}/{self.split} row {row} could not be decoded and no other row of its generator decodes "
+            "either (data.on_bad_image=skip replaces a bad row by one of them)"
+        )
+
+
+class _CellFile(io.RawIOBase):
+    """A read-only, seekable file over an Arrow cell's bytes, without copying them (PIL needs a full file API)."""
+
+    def __init__(self, view: memoryview) -> None:
+        self._view, self._pos = view, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = max(0, min(len(buffer), len(self._view) - self._pos))
+        buffer[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def _image_path(folder: Path, path: str | None) -> Path:
+    """Where an ``image`` cell stored as a path points: absolute, or relative to the split folder."""
+    if not path:
+        raise DataError(f"{folder}: an image cell holds neither bytes nor a path")
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else folder / p
+
+
+def _scan_images(
+    folder: Path, table: Any, rows: np.ndarray, file_ids: list[str], on_bad_image: str, stats: BadImageStats
+) -> np.ndarray:
+    """Which of ``rows`` hold a usable image, from each image's header and last bytes (no decoding).
+
+    The bytes stay in the memory-mapped Arrow shards (zero-copy buffers), so only the pages with a
+    header and an end are read; a cell stored as a path is checked as a file. A bad image is an error
+    naming its row and ``file_id``, or, under ``skip``, counted and left out.
+    """
+    chunks = table.column("image").chunks  # never combined: that would copy every image into memory
+    starts = np.cumsum([0] + [len(c) for c in chunks])
+    fields = [(c.field("bytes"), c.field("path")) for c in chunks]
+    ok = np.ones(len(rows), dtype=bool)
+    for k, row in enumerate(rows.tolist()):
+        name = f"{folder} row {row} (file_id {file_ids[row]!r})"
+        c = int(np.searchsorted(starts, row, side="right")) - 1
+        (data, paths), at = fields[c], row - int(starts[c])
+        cell = data[at]
+        if cell.is_valid:
+            view = memoryview(cell.as_buffer()).cast("B")
+            problem = image_problem(io.BufferedReader(_CellFile(view)), size=len(view), name=name)
+        else:
+            path = paths[at].as_py()
+            try:
+                file = _image_path(folder, path)
+                if not file.is_file():
+                    problem = ("missing", f"{name} names the image file {file}, which does not exist")
+                else:
+                    problem = image_problem(file, size=file.stat().st_size, name=f"{name} ({file})")
+            except DataError:
+                problem = ("missing", f"{name} holds neither image bytes nor a path")
+        if problem is None:
+            continue
+        if on_bad_image != "skip":
+            raise DataError(f"{problem[1]}. Replace the image, or set data.on_bad_image=skip (skips are counted)")
+        stats.record(problem[0], name)
+        ok[k] = False
+    return ok
 
 
 @dataclass
@@ -117,6 +230,8 @@ class DetectionProtocol:
     pairing: np.ndarray  #: per validation position: paired generator id of a real, -1 for a fake
     benchmark_type: str = "cumulative"
     info: dict[str, Any] = field(default_factory=dict)
+    #: images left out under ``data.on_bad_image=skip``; read at the end, it holds the decode-time skips too
+    bad_images: BadImageStats | None = None
 
     @property
     def n_windows(self) -> int:
@@ -158,7 +273,7 @@ class DetectionProtocol:
         }
 
 
-def _read_split(root: Path, split: str, timeline: Timeline) -> DetectionSplit:
+def _read_split(root: Path, split: str, timeline: Timeline, on_bad_image: str, stats: BadImageStats) -> DetectionSplit:
     from datasets import load_from_disk
 
     folder = root / split
@@ -180,11 +295,13 @@ def _read_split(root: Path, split: str, timeline: Timeline) -> DetectionSplit:
     file_ids = table.column("file_id").to_pylist()
     known = set(timeline.generators) | {REAL}
     keep = np.fromiter((g in known for g in generators), dtype=bool, count=len(generators))
+    dropped = len(generators) - int(keep.sum())
+    candidates = np.flatnonzero(keep)
+    keep[candidates] = _scan_images(folder, table, candidates, file_ids, on_bad_image, stats)
     present = {g for g, k in zip(generators, keep, strict=True) if k}
     absent = [g for g in timeline.generators if g not in present]
     if absent:
-        raise DataError(f"{folder}: no images of the benchmark generators {absent}")
-    dropped = len(generators) - int(keep.sum())
+        raise DataError(f"{folder}: no usable images of the benchmark generators {absent}")
     if dropped:
         log.info("%s: %d rows of generators outside the benchmark table are ignored", folder, dropped)
     rows = np.flatnonzero(keep)
@@ -197,7 +314,10 @@ def _read_split(root: Path, split: str, timeline: Timeline) -> DetectionSplit:
             f"{folder} row {i} (file_id {file_ids[i]!r}): label {labels[i]} does not match generator "
             f"{generators[i]!r} (real images have generator '' and label 0)"
         )
-    return DetectionSplit(split, ArrowImages(root, split), rows, lab, ids, [file_ids[i] for i in rows])
+    groups = np.full(len(generators), -1, dtype=np.int64)
+    groups[rows] = ids
+    images = ArrowImages(root, split, on_bad_image=on_bad_image, stats=stats, groups=groups)
+    return DetectionSplit(split, images, rows, lab, ids, [file_ids[i] for i in rows])
 
 
 def _hash(ids: list[str]) -> str:
@@ -217,13 +337,12 @@ def build_aigenbench(
     val_pairing_seed: int = VAL_PAIRING_SEED,
     max_windows: int | None = None,
     eval_pipeline: Mapping[str, Any] | None = None,
-    twin: Mapping[str, Any] | None = None,
-    cache_dir: str | None = None,
+    on_bad_image: str = "error",
 ) -> DetectionProtocol:
-    """Build the protocol from ``root`` (a ``save_to_disk`` folder) or from the cached twin.
+    """Build the protocol from ``root`` (a ``save_to_disk`` folder).
 
     ``generators`` is the timeline CSV (``None`` = the shipped v1.0.0 table; the twin
-    writes its own next to its data). ``max_windows`` truncates the timeline for quick runs.
+    writes its own next to its data and hands it over). ``max_windows`` truncates the timeline for quick runs.
     ``eval_pipeline`` holds the two logged choices of the mandatory evaluation chain
     (``jpeg_quality: code|uniform``, ``large_crop: random|central``).
     """
@@ -233,25 +352,18 @@ def build_aigenbench(
     log.info("mandatory eval pipeline: %s (%s)", eval_choices, mandatory_eval_pipeline(**eval_choices))
     if benchmark_type not in BENCHMARK_TYPES:
         raise ConfigError(f"data.benchmark_type={benchmark_type!r}; expected one of {list(BENCHMARK_TYPES)}")
-    source = "real"
-    if root is None:
-        from genattr.twins.aigenbench import ensure_aigenbench_twin
-
-        if cache_dir is None:
-            raise ConfigError("data.cache_dir must be set to build the AI-GenBench twin (data.root is null).")
-        folder = ensure_aigenbench_twin(Path(cache_dir), **dict(twin or {}))
-        log.warning("data.root is null: using the synthetic AI-GenBench twin at %s", folder)
-        generators = str(folder / "generators.csv")
-        source = "twin"
-    else:
-        folder = Path(root).expanduser()
-        if not folder.is_dir():
-            raise DataError(f"data.root={root} does not exist; expected the AI-GenBench save_to_disk folder")
+    folder = Path(require_root(root, "AI-GenBench")).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"data.root={root} does not exist; expected the AI-GenBench save_to_disk folder")
     timeline = Timeline.from_table(generators, generators_per_window)
     if max_windows is not None:
         timeline = Timeline(timeline.windows[: int(max_windows)], timeline.dates)
-    train = _read_split(folder, "train", timeline)
-    val = _read_split(folder, "validation", timeline)
+    check_bad_image_policy(on_bad_image)
+    stats = BadImageStats.for_policy(on_bad_image)
+    train = _read_split(folder, "train", timeline, on_bad_image, stats)
+    val = _read_split(folder, "validation", timeline, on_bad_image, stats)
+    if stats.total:
+        log.warning("skipped %d bad images (data.on_bad_image=skip): %s", stats.total, stats.counts)
     val = val.take(select_validation(val.generator_ids, seed=val_balance_seed))
     val = val.take(shuffled_order(len(val), val_shuffle_seed))
     pairing = pair_reals(val.generator_ids, seed=val_pairing_seed)
@@ -260,7 +372,6 @@ def build_aigenbench(
     real_ids = [f for f, g in zip(train.file_ids, train.generator_ids, strict=True) if g == 0]
     info = {
         "root": str(folder),
-        "source": source,
         "windows": [list(w) for w in timeline.windows],
         "generator_id_to_name": list(timeline.id_to_name),
         "n_train": len(train),
@@ -270,11 +381,13 @@ def build_aigenbench(
         "validation_file_id_sha256": _hash(val.file_ids),
         "benchmark_type": benchmark_type,
         "eval_pipeline": eval_choices,
+        "bad_images": stats.as_dict(),
+        "on_bad_image": on_bad_image,
     }
-    log.info("AI-GenBench %s: %d windows %s", source, len(timeline.windows), info["window_train_sizes"])
+    log.info("AI-GenBench: %d windows %s", len(timeline.windows), info["window_train_sizes"])
     return DetectionProtocol(
         name=name,
-        source=source,
+        source="real",
         root=folder,
         timeline=timeline,
         train=train,
@@ -283,4 +396,5 @@ def build_aigenbench(
         pairing=pairing,
         benchmark_type=benchmark_type,
         info=info,
+        bad_images=stats,
     )

@@ -46,7 +46,7 @@ class ContinualMethod:
         current = protocol.tasks[task].train
         if len(memory) == 0:
             return current
-        return ConcatDataset([current, memory.dataset(current.transform)])
+        return ConcatDataset([current, memory.dataset(current)])
 
     def loss(self, net: ContinualNet, out: dict[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
         loss = nn.functional.cross_entropy(out["logits"], y)

@@ -73,9 +73,10 @@ class ExemplarMemory:
             order = herding_order(feats[idx], quota, max_iter=self.max_iter, seed=self.seed * 1000 + c)
             self.per_class[int(c)] = [dataset.samples[int(idx[j])] for j in order]
 
-    def dataset(self, transform: Any) -> ImageListDataset:
+    def dataset(self, like: ImageListDataset) -> ImageListDataset:
+        """The exemplars, with the transform and bad-image policy of ``like`` (the current task's training set)."""
         samples = [s for c in sorted(self.per_class) for s in self.per_class[c]]
-        return ImageListDataset(samples, transform)
+        return like.with_samples(samples)
 
     def counts(self) -> dict[int, int]:
         return {c: len(v) for c, v in sorted(self.per_class.items())}

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from genattr.data.rarvar import FAMILIES, FAMILY_OF, OUTLIER
+from genattr.data.rarvar import FAMILIES, FAMILY_OF, LABELS, OUTLIER
 from genattr.methods.base import Report
 from genattr.methods.tracing.outputs import plot_confusion, plot_histograms, write_submission
 from genattr.metrics.tracing import confusion, tracing_metrics
@@ -43,14 +43,14 @@ def tracer_report(pipe: TracerPipeline) -> Report:
         sp = protocol.split(s)
         if not sp.labels:
             continue
-        m = tracing_metrics(sp.labels, preds[s])
+        m = tracing_metrics(sp.labels, preds[s], family_of=FAMILY_OF, outlier=OUTLIER)
         results[s] = m
-        results[f"{s}_confusion"] = confusion(sp.labels, preds[s]).tolist()
+        results[f"{s}_confusion"] = confusion(sp.labels, preds[s], LABELS).tolist()
         metrics.update({f"{s}/{k}": v for k, v in m.items() if not k.startswith("n")})
         if main:
             title = f"{settings.pipeline} — {s}"
             artifacts.append(
-                plot_confusion(confusion(sp.labels, preds[s]), out / "plots" / f"confusion_{s}.png", title)
+                plot_confusion(confusion(sp.labels, preds[s], LABELS), out / "plots" / f"confusion_{s}.png", title)
             )
     results["diagnostics"] = pipe.diagnostics()
     results["stage_details"] = {k: meta[k] for k in DETAILS if k in meta}
