@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from genattr.engine import faults
 from genattr.utils.errors import ConfigError
 from genattr.utils.io import atomic_write_json
 
@@ -39,6 +40,7 @@ class Checkpointer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         write(tmp)
+        faults.at_checkpoint(task, "files")  # the kill/resume tests' partial checkpoint
         atomic_write_json(tmp / "state.json", state)
         if final.exists():  # a complete checkpoint from an earlier attempt at this task
             trash = self.folder / f".{final.name}.old"
@@ -48,6 +50,7 @@ class Checkpointer:
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, final)
+        faults.at_checkpoint(task, "renamed")
         for old in self.completed()[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         log.info("checkpoint written: %s", final)

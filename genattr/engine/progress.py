@@ -16,6 +16,8 @@ from typing import TypeVar
 
 from tqdm.auto import tqdm
 
+from genattr.engine import faults
+
 log = logging.getLogger("genattr.progress")
 T = TypeVar("T")
 
@@ -40,6 +42,8 @@ def track(
     """Iterate ``iterable`` and report progress (see the module docstring)."""
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)  # type: ignore[arg-type]
+    if faults.stage_fault_armed():  # the kill/resume tests' ``GENATTR_FAULT=stage:<k>:<n>``
+        iterable = faults.ticking(iterable)
     if not main_process:
         yield from iterable
         return

@@ -6,13 +6,16 @@ rest once for all of them, the way Avalanche runs a stream of experiences:
 * restore: the newest checkpoint written with the same result-shaping settings *and* the same stage identity
   (task names, windows, pipeline) is loaded into the family, then the RNG state saved with it, and the run
   continues at the next stage; a checkpoint from other settings is refused with a sentence;
-* run: each remaining stage under a header line, its metrics logged to the tracker at the stage's index (so a
-  resumed run never logs a step twice), its wall time as ``time/<kind>_s``;
+* run: each remaining stage under a header line, its metrics logged to the tracker at the stage's index, its
+  wall time as ``time/<kind>_s`` (a stage redone after a kill logs nothing twice: the tracker of a resumed run
+  skips the steps it already has);
 * save: after every stage, atomically (``Checkpointer``: temp folder + rename), with the RNG state, the MLflow
   run id (a requeued job continues the same run) and the settings' fingerprint;
 * stop: after ``stop_after_task`` (a stage index), with an incomplete report; nothing is lost.
 
-Only the main process writes; every process restores from the same folder.
+Only the main process writes; every process restores from the same folder. ``GENATTR_FAULT``
+(:mod:`genattr.engine.faults`) kills the process at a named stage item or checkpoint phase, for the kill/resume
+tests.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from safetensors.torch import load_file, save_file
 
+from genattr.engine import faults
 from genattr.engine.progress import duration
 from genattr.utils.errors import ConfigError
 from genattr.utils.seed import rng_state, set_rng_state
@@ -144,7 +148,9 @@ class StagedRun:
             name = str(names[k])
             log.info("%s %d/%d (%s) starts", self.kind, k + 1, len(names), name)
             t0 = time.perf_counter()
+            faults.enter_stage(k)
             metrics = dict(self.family.run_stage(k))
+            faults.enter_stage(None)
             seconds = time.perf_counter() - t0
             self.seconds[name] = seconds
             self.ctx.tracker.log_metrics({**metrics, f"time/{self.kind}_s": seconds}, step=k)

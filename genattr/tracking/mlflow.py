@@ -165,6 +165,12 @@ class MLflowTracker:
     later call, into a spool (:mod:`genattr.tracking.spool`, a file in the run's folder once
     :meth:`attach_spool` names it), which is replayed in order as soon as the server answers
     again, and once more at :meth:`end` for up to ``outage_patience_s`` seconds.
+
+    A resumed run never gets a metric step twice: :meth:`start` with a ``run_id`` reads which (key, step) values
+    the run already has, and a value at one of those steps is not sent again (the first one stays; MLflow cannot
+    delete a value). An attempt killed after logging some steps of a stage that its resumed attempt then redoes
+    (``resume=auto`` continues after the last checkpoint) would otherwise leave two values at each of them.
+    Within one attempt nothing is filtered.
     """
 
     def __init__(
@@ -206,6 +212,10 @@ class MLflowTracker:
         self._outage_since: float | None = None
         self._next_flush = 0.0
         self._flush_wait = self.backoff_s
+        #: (key, step) of every value a resumed run had before this attempt, or delivered from its spool
+        self._earlier_steps: set[tuple[str, int]] = set()
+        self._earlier_ops: set[int] = set()  # id() of the spooled calls an earlier attempt left
+        self._skipped = 0
 
     @property
     def client(self) -> MlflowClient:
@@ -265,6 +275,7 @@ class MLflowTracker:
     def attach_spool(self, path: str | Path) -> None:
         """Keep undelivered calls in ``path`` (the run's folder), replaying what an earlier process left there."""
         earlier = Spool(path)
+        self._earlier_ops = {id(op) for op in earlier.ops}
         for op in self.spool.ops:
             earlier.append(op)
         self.spool = earlier
@@ -292,9 +303,9 @@ class MLflowTracker:
         op = {"op": "start", "run_name": run_name, "tags": all_tags, "params": flatten_params(params), "run_id": run_id}
         if len(self.spool) and self.spool.ops[0]["op"] == "start":
             # an earlier attempt never reached the server: this start opens the run its spooled calls belong to
-            self.spool.ops[0] = op
-            self.spool.drop_first(0)
-        self._call(op)
+            self.spool.drop_first(1)
+        # before any call an earlier (killed) attempt spooled: sent first, those would find no run and be dropped
+        self._call(op, first=True)
         if self.log_system_metrics and self.run_id is not None:
             self._start_system_metrics(resume=run_id is not None)
         return self.run_id
@@ -315,8 +326,11 @@ class MLflowTracker:
         MLflow params are immutable: re-logging a key with a new value raises, so
         existing keys are skipped (with a warning when the value changed).
         """
-        existing = self.client.get_run(run_id).data.params  # raises if unknown
+        run = self.client.get_run(run_id)  # raises if unknown
+        existing = run.data.params
         self.run_id = run_id
+        for key in run.data.metrics:
+            self._earlier_steps |= {(key, int(m.step)) for m in self.client.get_metric_history(run_id, key)}
         self.client.update_run(run_id, status="RUNNING")
         for key in [k for k in flat if k in existing and existing[k] != flat[k]]:
             log.warning(
@@ -342,8 +356,11 @@ class MLflowTracker:
             self._start_now(op["run_name"], op["tags"], op["params"], op["run_id"])
         elif kind == "metrics":
             entries = [Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in op["metrics"]]
+            entries = self._not_logged_before(entries)
             for i in range(0, len(entries), METRICS_PER_BATCH):
                 self.client.log_batch(self._require_run(), metrics=entries[i : i + METRICS_PER_BATCH])
+            if id(op) in self._earlier_ops:  # an earlier attempt's call: its steps are now the run's
+                self._earlier_steps |= {(e.key, e.step) for e in entries}
         elif kind == "tags":
             self._log_batch(tags=[RunTag(k, v) for k, v in op["tags"].items()])
         elif kind == "artifact":
@@ -359,9 +376,26 @@ class MLflowTracker:
         else:
             raise ValueError(f"unknown tracking call {kind!r} in the spool")
 
-    def _call(self, op: dict[str, Any]) -> None:
-        """Send ``op`` now (retrying transient failures), or spool it behind earlier undelivered calls."""
-        if len(self.spool) and not self.flush():
+    def _not_logged_before(self, entries: list[Metric]) -> list[Metric]:
+        """``entries`` less the steps an earlier attempt logged (see the class docstring)."""
+        fresh = [e for e in entries if (e.key, e.step) not in self._earlier_steps]
+        if len(fresh) < len(entries):
+            if not self._skipped:
+                first = next(e for e in entries if (e.key, e.step) in self._earlier_steps)
+                log.warning(
+                    "resumed MLflow run %s already has %s at step %d (logged by an attempt that was stopped before "
+                    "its next checkpoint); values at steps the run already has are not logged twice",
+                    self.run_id,
+                    first.key,
+                    first.step,
+                )
+            self._skipped += len(entries) - len(fresh)
+        return fresh
+
+    def _call(self, op: dict[str, Any], *, first: bool = False) -> None:
+        """Send ``op`` now (retrying transient failures), or spool it behind earlier undelivered calls (in front
+        of them with ``first``: a start, which opens the run they go into)."""
+        if not first and len(self.spool) and not self.flush():
             self.spool.append(op)
             return
         for attempt in range(self.retries + 1):
@@ -373,7 +407,11 @@ class MLflowTracker:
                     raise
                 if attempt == self.retries:
                     self._went_down(exc)
-                    self.spool.append(op)
+                    if first:
+                        self.spool.ops.insert(0, op)
+                        self.spool.drop_first(0)  # rewrites the file with ``op`` first
+                    else:
+                        self.spool.append(op)
                     return
                 time.sleep(self.backoff_s * 2**attempt)
 

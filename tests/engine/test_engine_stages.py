@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,7 @@ from accelerate.state import AcceleratorState
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from genattr.engine import faults
 from genattr.engine.checkpoint import Checkpointer
 from genattr.engine.progress import progress_line, track
 from genattr.engine.stages import StagedRun
@@ -129,6 +134,25 @@ def test_stages_may_grow_while_running_and_family_state_keeps_off_the_engine_key
 
     with pytest.raises(RuntimeError, match="engine's keys"):
         StagedRun(Clash(), _ctx(tmp_path / "clash"), title="toy").run()
+
+
+def test_a_fault_point_kills_with_sigkill_at_the_named_item_and_a_bad_one_is_refused():
+    """GENATTR_FAULT (genattr.engine.faults) as the kill/resume tests use it: a real SIGKILL, at the n-th progress
+    item of the named stage only, with a line saying where."""
+    code = (
+        "from genattr.engine import faults\n"
+        "faults.enter_stage(0); list(faults.ticking(range(9)))\n"
+        "faults.enter_stage(1)\n"
+        "for i in faults.ticking(range(9)): print('item', i, flush=True)\n"
+    )
+    env = dict(os.environ, GENATTR_FAULT="stage:1:3")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert proc.stdout.split() == ["item", "0", "item", "1"] and "SIGKILL in stage 1 at progress item 3" in proc.stderr
+    assert faults._parse("checkpoint:2:files") == ("checkpoint", 2, "files") and faults._parse("") is None
+    for bad in ("stage:1:0", "stage:x:1", "checkpoint:1:halfway", "task:1:1"):
+        with pytest.raises(ConfigError, match="GENATTR_FAULT"):
+            faults._parse(bad)
 
 
 def test_progress_lines_are_plain_with_rate_and_eta_when_the_output_is_a_file(caplog):

@@ -25,9 +25,8 @@ class LaunchedRun:
     output: str
 
 
-def launch(overrides: list[str], folder: Path, *, nproc: int = 1, timeout: int = 900) -> LaunchedRun:
-    """``launch.py`` with ``overrides`` into ``folder`` under ``torchrun`` (``nproc`` > 1) or plain python, tracked
-    in a SQLite MLflow store of its own; fails with the run's output when it does not exit 0."""
+def launch_command(overrides: list[str], folder: Path, *, nproc: int = 1) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of :func:`launch` (the same command again resumes the run)."""
     db = folder / "mlflow.db"
     args = [
         *overrides,
@@ -42,11 +41,18 @@ def launch(overrides: list[str], folder: Path, *, nproc: int = 1, timeout: int =
     else:
         cmd = [sys.executable]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "GENATTR_FAULT"):
         env.pop(var, None)
+    return [*cmd, str(ROOT / "launch.py"), *args], env
+
+
+def launch(overrides: list[str], folder: Path, *, nproc: int = 1, timeout: int = 900) -> LaunchedRun:
+    """``launch.py`` with ``overrides`` into ``folder`` under ``torchrun`` (``nproc`` > 1) or plain python, tracked
+    in a SQLite MLflow store of its own; fails with the run's output when it does not exit 0."""
+    command, env = launch_command(overrides, folder, nproc=nproc)
     folder.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
-        [*cmd, str(ROOT / "launch.py"), *args],
+        command,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -56,7 +62,7 @@ def launch(overrides: list[str], folder: Path, *, nproc: int = 1, timeout: int =
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
     run_dir = folder / "run"
-    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["distributed"], output_format="list")
     return LaunchedRun(
         folder=run_dir,

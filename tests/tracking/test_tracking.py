@@ -103,6 +103,33 @@ def test_resume_same_run(paths: tuple[str, Path], caplog: pytest.LogCaptureFixtu
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
+def test_a_resumed_run_never_logs_a_step_twice(paths: tuple[str, Path], tmp_path: Path) -> None:
+    """An attempt killed after logging steps 0-2 of a stage its rerun redoes from step 1: the steps the run has
+    keep their first value; a call the killed attempt left in its spool counts once delivered."""
+    first = make(paths, experiment="redo")
+    run_id = first.start(run_name="r", tags={}, params=CFG)
+    first.log_metrics({"loss": 1.0, "acc": 50.0}, step=0)
+    first.log_metrics({"loss": 0.9}, step=1)
+    first.log_metrics({"loss": 0.8}, step=2)  # then SIGKILL: no end(), the run stays RUNNING
+    spool = tmp_path / "spool.jsonl"  # ... with one call for step 3 still waiting in the spool
+    spool.write_text('{"op": "metrics", "metrics": [["loss", 0.7, 1, 3]]}\n')
+
+    second = make(paths, experiment="redo")
+    second.attach_spool(spool)
+    second.start(run_name="r", tags={}, params=CFG, run_id=run_id)
+    for step, loss in ((1, 0.95), (2, 0.85), (3, 0.75), (4, 0.6)):  # the redone stage, then the next one
+        second.log_metrics({"loss": loss}, step=step)
+    second.log_metrics({"acc": 70.0}, step=4)
+    second.log_metrics({"acc": 71.0}, step=4)  # within one attempt nothing is filtered
+    second.end()
+
+    client = MlflowClient(tracking_uri=paths[0])
+    loss = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
+    assert loss == [(0, 1.0), (1, 0.9), (2, 0.8), (3, 0.7), (4, 0.6)]
+    assert sorted(m.value for m in client.get_metric_history(run_id, "acc")) == [50.0, 70.0, 71.0]
+    assert not spool.exists() and client.get_run(run_id).info.status == "FINISHED"
+
+
 def test_failed_status_and_parent_tag(paths: tuple[str, Path]) -> None:
     parent = make(paths)
     parent_id = parent.start(run_name="sweep", tags={}, params={})
