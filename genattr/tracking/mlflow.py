@@ -166,9 +166,10 @@ class MLflowTracker:
     :meth:`attach_spool` names it), which is replayed in order as soon as the server answers
     again, and once more at :meth:`end` for up to ``outage_patience_s`` seconds.
 
-    A resumed run never gets a metric step twice: :meth:`start` with a ``run_id`` reads which (key, step) values
-    the run already has, and a value at one of those steps is not sent again (the first one stays; MLflow cannot
-    delete a value). An attempt killed after logging some steps of a stage that its resumed attempt then redoes
+    A resumed run never gets a per-stage metric step twice: :meth:`start` with a ``run_id`` reads which (key, step)
+    values the run already has, and a value logged with an explicit ``step`` at one of those steps is not sent again
+    (the first one stays; MLflow cannot delete a value). Run-level values (no ``step``: the final metrics of a
+    report) are always sent, so the latest one is the completed report's. An attempt killed after logging some steps of a stage that its resumed attempt then redoes
     (``resume=auto`` continues after the last checkpoint) would otherwise leave two values at each of them.
     Within one attempt nothing is filtered.
     """
@@ -356,7 +357,8 @@ class MLflowTracker:
             self._start_now(op["run_name"], op["tags"], op["params"], op["run_id"])
         elif kind == "metrics":
             entries = [Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in op["metrics"]]
-            entries = self._not_logged_before(entries)
+            if op.get("once", True):
+                entries = self._not_logged_before(entries)
             for i in range(0, len(entries), METRICS_PER_BATCH):
                 self.client.log_batch(self._require_run(), metrics=entries[i : i + METRICS_PER_BATCH])
             if id(op) in self._earlier_ops:  # an earlier attempt's call: its steps are now the run's
@@ -487,7 +489,9 @@ class MLflowTracker:
             return
         ts = int(time.time() * 1000)
         entries = [[k, to_float(k, v), ts, step or 0] for k, v in metrics.items()]
-        self._call({"op": "metrics", "metrics": entries})
+        # per-stage values (an explicit step) are logged once per step; run-level values (no step: the final
+        # metrics) always, so that a run stopped early and resumed ends with the values of its completed report
+        self._call({"op": "metrics", "metrics": entries, "once": step is not None})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Upload a file, or a folder's contents (e.g. ``.hydra/``), under ``artifact_path``."""
