@@ -169,9 +169,9 @@ class MLflowTracker:
     A resumed run never gets a per-stage metric step twice: :meth:`start` with a ``run_id`` reads which (key, step)
     values the run already has, and a value logged with an explicit ``step`` at one of those steps is not sent again
     (the first one stays; MLflow cannot delete a value). Run-level values (no ``step``: the final metrics of a
-    report) are always sent, so the latest one is the completed report's. An attempt killed after logging some steps of a stage that its resumed attempt then redoes
-    (``resume=auto`` continues after the last checkpoint) would otherwise leave two values at each of them.
-    Within one attempt nothing is filtered.
+    report) are always sent, so the latest one is the completed report's. An attempt killed after logging some
+    steps of a stage that its resumed attempt then redoes (``resume=auto`` continues after the last checkpoint)
+    would otherwise leave two values at each of them. Within one attempt nothing is filtered.
     """
 
     def __init__(
