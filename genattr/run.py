@@ -171,7 +171,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Report:
             checkpoints=checkpoints,
             seed=int(cfg.seed),
             stop_after_task=cfg.get("stop_after_task"),
-            config_fingerprint=config_fingerprint(cfg),
+            config_fingerprint=fingerprint,
         )
         protocol = build_protocol(cfg, main_process=main, wait=accelerator.wait_for_everyone)
         if main:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -93,11 +93,10 @@ def mark(protocol: Any, twin: Twin | None) -> Any:
     return protocol
 
 
-def model_overrides(cfg: DictConfig, twin: Twin | None) -> Mapping[str, Any]:
-    """Model keys the twin decides (a twin-pretrained backbone's weights file), applied to ``cfg.model``."""
-    if twin is None or not twin.model:
-        return {}
+def model_overrides(cfg: DictConfig, twin: Twin | None) -> None:
+    """Set on ``cfg.model`` the model keys the twin decides (a twin-pretrained backbone's weights file)."""
+    if twin is None:
+        return
     with open_dict(cfg):
         for key, value in twin.model.items():
             OmegaConf.update(cfg.model, key, value, merge=False, force_add=True)
-    return dict(twin.model)
