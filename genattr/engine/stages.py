@@ -91,8 +91,22 @@ class StagedRun:
 
     # -- restore / save ----------------------------------------------------------------------------
     def restore(self) -> int:
-        """Load the newest usable checkpoint into the family; return the first stage still to run."""
-        found = self.ctx.checkpoints.latest_for(self.ctx.config_fingerprint)
+        """Load the newest usable checkpoint into the family; return the first stage still to run.
+
+        The main process chooses the checkpoint and every process loads that one, then all wait for each other:
+        a process that looked on its own could find the checkpoint the main process writes after a quick first
+        stage, skip that stage and pair its collectives with the wrong ones (a hang under ``torchrun``)."""
+        found = self.ctx.checkpoints.latest_for(self.ctx.config_fingerprint) if self.acc.is_main_process else None
+        if self.acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            found = broadcast_object_list([found], from_process=0)[0]
+        try:
+            return self._load(found)
+        finally:
+            self.acc.wait_for_everyone()
+
+    def _load(self, found: tuple[Path, Mapping[str, Any]] | None) -> int:
         if found is None:
             return 0
         folder, state = found

@@ -225,3 +225,63 @@ def test_the_accelerate_guard_catches_a_loop_that_bypasses_accelerate():
         model(torch.randn(2, 3)).sum().backward()
         opt.step()
     model(torch.randn(2, 3)).sum().backward()  # outside the guard, plain torch again
+
+
+_RACE = """
+import json, sys, time
+from datetime import timedelta
+from pathlib import Path
+from accelerate import Accelerator, InitProcessGroupKwargs
+from accelerate.utils import gather_object
+from genattr.engine.checkpoint import Checkpointer
+from genattr.engine.stages import StagedRun
+from genattr.methods.base import Report, RunContext
+
+class Quick:
+    stage_kind = "stage"
+    def __init__(self, acc):
+        self.acc, self.ran = acc, []
+    def stage_names(self):
+        return ["instant", "gathers"]
+    def identity(self):
+        return {}
+    def run_stage(self, k):
+        self.ran.append(k)
+        if k == 1:
+            assert gather_object([self.acc.process_index]) == [0, 1]
+        return {}
+    def checkpoint(self, k):
+        return (lambda folder: None), {}
+    def restore(self, folder, state):
+        pass
+    def report(self, *, completed, last):
+        return Report({}, {"ran": self.ran}, completed=completed)
+
+acc = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=30))])
+out = Path(sys.argv[1])
+class Tracker:
+    run_id = None
+    def log_metrics(self, metrics, step=None):
+        pass
+ctx = RunContext(accelerator=acc, tracker=Tracker(), output_dir=out, checkpoints=Checkpointer(out / "checkpoints",
+    keep_last=5), seed=0, stop_after_task=None, config_fingerprint="fp")
+family = Quick(acc)
+if acc.process_index == 1:
+    time.sleep(3)  # a slow start: the main process has long written the first stage's checkpoint
+report = StagedRun(family, ctx, title="race").run()
+(out / f"rank{acc.process_index}.json").write_text(json.dumps(report.results["ran"]))
+"""
+
+
+def test_every_process_resumes_from_the_checkpoint_the_main_process_chose(tmp_path):
+    """Under torchrun a process that starts late must not find the checkpoint the main process wrote after a quick
+    first stage: it would skip that stage and pair its collectives with the wrong ones (a hang)."""
+    script = tmp_path / "race.py"
+    script.write_text(_RACE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ran = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ran == [[0, 1], [0, 1]]  # both ran both stages: none resumed from the other's checkpoint
+
