@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from genattr.config import (
@@ -182,6 +183,8 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Report:
             trainer=OmegaConf.to_container(cfg.trainer, resolve=True),
         )
         report = method.run(protocol, ctx)
+        if accelerator.device.type == "cuda":  # what the card needed (make gpu-check reads it)
+            report.results["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(accelerator.device) / 2**30, 2)
         if main:
             _record_bad_images(report, protocol)
             _write_outputs(report, out, tracker)

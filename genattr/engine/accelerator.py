@@ -10,14 +10,17 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from genattr.engine.distributed import export_torch_distributed_env
+from genattr.engine.training import set_max_steps
 from genattr.utils.errors import ConfigError
 
 PRECISIONS = ("no", "fp16", "bf16")
 
 
 def make_accelerator(trainer: Mapping[str, Any]) -> Accelerator:
-    """The run's Accelerator from ``trainer.{mixed_precision, cpu, grad_accum}`` (every trainer option has them)."""
+    """The run's Accelerator from ``trainer.{mixed_precision, cpu, grad_accum}`` (every trainer option has them);
+    also sets the run's ``trainer.max_steps`` cap on every training (:func:`genattr.engine.training.set_max_steps`)."""
     export_torch_distributed_env()
+    set_max_steps(trainer["max_steps"])
     mp = str(trainer["mixed_precision"])
     if mp not in PRECISIONS:
         raise ConfigError(f"trainer.mixed_precision={mp} is unknown; choose one of {list(PRECISIONS)}.")

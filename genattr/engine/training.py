@@ -9,6 +9,7 @@ extraction) shard their items with :func:`shard` and put the pieces back with :f
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +19,26 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from torch import nn
+
+from genattr.utils.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+#: ``trainer.max_steps`` of the run in this process (set by :func:`set_max_steps` when the run's accelerator is
+#: made): every :func:`prepared` training stops after that many optimiser steps. ``None``: train the whole recipe.
+_MAX_STEPS: int | None = None
+
+
+def set_max_steps(value: Any) -> int | None:
+    """Cap every training of this run at ``value`` optimiser steps per stage (``trainer.max_steps``; ``None``: no
+    cap). The cap belongs to the engine, not to a family, so that one key shortens every loop there is -- a task,
+    a window, a forgetting task, a retrain, an inverse decoder, a score function -- and a new family gets it for
+    free (``make smoke-paper`` runs every paper preset for 2 steps a stage at full size)."""
+    global _MAX_STEPS
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"trainer.max_steps={value!r} must be a whole number >= 1, or null for the whole recipe")
+    _MAX_STEPS = value
+    return value
 
 
 @dataclass
@@ -30,6 +51,14 @@ class Prepared:
     loader: Any = None
     scheduler: Any = None
     raw: nn.Module | None = None
+    #: optimiser steps taken (accumulation windows closed) and the run's ``trainer.max_steps``
+    steps: int = 0
+    max_steps: int | None = None
+
+    @property
+    def capped(self) -> bool:
+        """True once ``trainer.max_steps`` optimiser steps ran: the loop stops training this stage here."""
+        return self.max_steps is not None and self.steps >= self.max_steps
 
 
 @contextmanager
@@ -51,7 +80,7 @@ def prepared(
     if scheduler is not None:
         objs.append(scheduler)
     out = list(acc.prepare(*objs))
-    p = Prepared(model=out[0], optimizer=out[1], raw=model)
+    p = Prepared(model=out[0], optimizer=out[1], raw=model, max_steps=_MAX_STEPS)
     if loader is not None:
         p.loader = out[2]
     if scheduler is not None:
@@ -73,7 +102,7 @@ def prepared_alone(acc: Accelerator, model: nn.Module, optimizer: torch.optim.Op
     prepared_model = acc.prepare_model(model, evaluation_mode=True)
     prepared_opt = acc.prepare_optimizer(optimizer)
     try:
-        yield Prepared(model=prepared_model, optimizer=prepared_opt, raw=model)
+        yield Prepared(model=prepared_model, optimizer=prepared_opt, raw=model, max_steps=_MAX_STEPS)
     finally:
         acc.unwrap_model(prepared_model, keep_fp32_wrapper=False)
         acc.free_memory()
@@ -89,6 +118,7 @@ def optimizer_step(
 ) -> torch.Tensor:
     """One (micro-)step: forward under autocast, ``acc.backward``, and, when the accumulation window closes,
     gradient clipping, the optimiser step, the scheduler step and ``zero_grad``. Returns the detached loss.
+    The caller's loops stop once ``p.capped`` (``trainer.max_steps`` optimiser steps in this training).
 
     ``loss_fn(model)`` runs the forward on the prepared model; with ``trainer.grad_accum`` > 1 Accelerate skips
     the gradient all-reduce and the optimiser step until the last micro-step of the window.
@@ -103,6 +133,12 @@ def optimizer_step(
         if step_scheduler and p.scheduler is not None and acc.sync_gradients:
             p.scheduler.step()
         p.optimizer.zero_grad(set_to_none=True)
+        if acc.sync_gradients:
+            p.steps += 1
+            if p.capped:
+                log.warning(
+                    "trainer.max_steps=%d reached: the rest of this training is skipped (a smoke run)", p.max_steps
+                )
     return loss.detach()
 
 

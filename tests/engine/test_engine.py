@@ -92,7 +92,7 @@ def test_single_task_slurm_job_opens_no_process_group(monkeypatch):
     _as_slurm_task(monkeypatch, "4243", rank=0, ntasks=1)
     assert export_torch_distributed_env() == {}
     assert "LOCAL_RANK" not in os.environ and "MASTER_PORT" not in os.environ
-    acc = make_accelerator({"cpu": True, "mixed_precision": "no", "grad_accum": 1})
+    acc = make_accelerator({"cpu": True, "mixed_precision": "no", "grad_accum": 1, "max_steps": None})
     try:
         assert acc.num_processes == 1 and not torch.distributed.is_initialized()
     finally:
@@ -102,6 +102,6 @@ def test_single_task_slurm_job_opens_no_process_group(monkeypatch):
 def test_one_process_can_run_one_run_after_another_in_other_precisions():
     """Hydra's basic multirun launcher runs jobs in one process: a bf16 job after an fp32 one must not trip over
     Accelerate's process-wide state."""
-    trainer = {"cpu": True, "grad_accum": 1}
+    trainer = {"cpu": True, "grad_accum": 1, "max_steps": None}
     assert make_accelerator({**trainer, "mixed_precision": "bf16"}).mixed_precision == "bf16"
     assert make_accelerator({**trainer, "mixed_precision": "no"}).mixed_precision == "no"

@@ -285,3 +285,32 @@ def test_every_process_resumes_from_the_checkpoint_the_main_process_chose(tmp_pa
     ran = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ran == [[0, 1], [0, 1]]  # both ran both stages: none resumed from the other's checkpoint
 
+
+def test_max_steps_caps_every_prepared_training_at_whole_optimiser_steps():
+    """trainer.max_steps counts optimiser steps (closed accumulation windows), not micro-batches."""
+    from genattr.engine.training import set_max_steps
+
+    AcceleratorState._reset_state(True)
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = nn.Linear(4, 1)
+    loader = DataLoader(TensorDataset(torch.randn(32, 4), torch.randn(32, 1)), batch_size=2)
+    try:
+        set_max_steps(3)
+        with prepared(acc, model, torch.optim.SGD(model.parameters(), lr=0.1), loader) as p:
+            micro = 0
+            for x, y in p.loader:
+                optimizer_step(acc, p, lambda m, x=x, y=y: nn.functional.mse_loss(m(x), y))
+                micro += 1
+                if p.capped:
+                    break
+        assert (p.steps, micro) == (3, 6)
+        set_max_steps(None)
+        with prepared(acc, model, torch.optim.SGD(model.parameters(), lr=0.1), loader) as p:
+            for x, y in p.loader:
+                optimizer_step(acc, p, lambda m, x=x, y=y: nn.functional.mse_loss(m(x), y))
+        assert p.steps == 8 and not p.capped
+        for bad in (0, -1, 1.5, "2", True):
+            with pytest.raises(ConfigError, match="trainer.max_steps"):
+                set_max_steps(bad)
+    finally:
+        set_max_steps(None)

@@ -242,6 +242,10 @@ def train_unet(
                     if step % log_every == 0 or step == total:
                         on_log(step, running / count, float(sched.get_last_lr()[0]))
                         running, count = 0.0, 0
+                if p.capped:  # trainer.max_steps
+                    break
+            if p.capped:
+                break
     if ema is not None:
         ema.copy_to(unet.parameters())
     log.info(

@@ -154,6 +154,8 @@ class ContinualLoop:
                     total += loss.float()
                     count += 1
                     self.seen += len(y)
+                    if p.capped:  # trainer.max_steps
+                        break
                 mean_loss = float(self.acc.reduce(total, "mean")) / max(count, 1)
                 step = t * epochs + epoch
                 self.ctx.tracker.log_metrics({"train/loss": mean_loss, "train/lr": lr}, step=step)
@@ -166,6 +168,8 @@ class ContinualLoop:
                     lr,
                     len(data),
                 )
+                if p.capped:
+                    break
         return mean_loss
 
     # -- the engine's stages: one per task ---------------------------------------------------------

@@ -272,7 +272,12 @@ class WindowLoop:
                             {"train/loss": self._mean(losses[-log_every:]), "train/lr": sched.get_last_lr()[0]},
                             step=self.global_step,
                         )
+                    if p.capped:  # trainer.max_steps
+                        break
+                if p.capped:
+                    break
             seconds = time.perf_counter() - t0
+            steps = len(losses)
         _share_buffers(acc, model)
         train_loss = self._mean(losses)
         log.info("window %d: %d optimizer steps, loss %.4f, %.1f s", k, steps, train_loss, seconds)

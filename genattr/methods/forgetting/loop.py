@@ -334,11 +334,15 @@ class ForgettingLoop:
                         tracker.offer(self.evaluate(module), iteration + 1, k + 1)
                         p.model.train()
                     iteration += 1
+                    if p.capped:  # trainer.max_steps
+                        break
                 method.end_epoch(module, t, k)
                 means = {key: v / max(steps, 1) for key, v in self._mean_over_processes(parts_sum).items()}
                 logged = {f"train/{key}": v for key, v in means.items()}
                 self.ctx.tracker.log_metrics({**logged, "train/lr": entry.lr}, step=t * len(plan) + k)
                 log.debug("task %d pass %d/%d (%s): %s", t, k + 1, len(plan), entry.over, logged)
+                if p.capped:
+                    break
         return means
 
     def _mean_over_processes(self, sums: Mapping[str, float]) -> dict[str, float]:

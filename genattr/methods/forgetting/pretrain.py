@@ -172,12 +172,16 @@ def pretrain(
                     if hit > best["acc"]:
                         best = {"acc": hit, "step": step + 1, "state": state_dict_cpu(net)}
                 step += 1
+                if p is not None and p.capped:  # trainer.max_steps
+                    break
             mean = float(np.mean(losses))
             if acc is not None and acc.num_processes > 1:
                 mean = float(acc.reduce(torch.tensor(mean, dtype=torch.float64, device=device), "mean"))
             if log_fn is not None:
                 log_fn({"pretrain/loss": mean, "pretrain/lr": opt.param_groups[0]["lr"]}, epoch)
             log.info("pretrain epoch %d/%d: loss %.4f", epoch + 1, epochs, mean)
+            if p is not None and p.capped:
+                break
     picked = {"final_loss": mean, "select": select, "lr_schedule": lr_schedule}
     if select == "best_test" and best["state"] is not None:
         net.load_state_dict(best["state"])

@@ -94,9 +94,13 @@ def train_classifier(
 
                 total += float(optimizer_step(acc, p, loss_fn)) * len(idx) / world
                 seen += len(mine)
+                if p.capped:  # trainer.max_steps
+                    break
             if world > 1:
                 total = float(acc.reduce(torch.tensor(total, dtype=torch.float64, device=device), "sum"))
             hist.append(total / len(images))
+            if p.capped:
+                break
     model.eval()
     return hist, seen
 

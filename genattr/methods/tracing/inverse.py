@@ -249,6 +249,8 @@ def finetune_inverse_decoder(
                 )
                 total += float(loss) * len(idx) / world  # the batch's mean loss is the processes' average
                 seen += len(mine)
+                if p.capped:  # trainer.max_steps
+                    break
             sched.step()
             if world > 1:
                 total = float(acc.reduce(torch.tensor(total, dtype=torch.float64, device=device), "sum"))
@@ -257,6 +259,8 @@ def finetune_inverse_decoder(
                 log_fn(epoch, history[-1])
             if not math.isfinite(history[-1]):
                 raise FloatingPointError(f"inverse-decoder loss became {history[-1]} at epoch {epoch}; lower the lr")
+            if p.capped:
+                break
     if isinstance(tok, nn.Module):
         tok.requires_grad_(False)
         tok.eval()

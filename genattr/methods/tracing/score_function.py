@@ -130,6 +130,8 @@ def fit_score_function(
     with prepared_alone(acc, model, opt) as p:
         for _ in range(int(epochs)):
             history.append(float(optimizer_step(acc, p, loss_fn)))
+            if p.capped:  # trainer.max_steps
+                break
     model.eval()
     model.noise_generator = None
     return model.cpu(), history
