@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 ARGS ?=
 # pytest-xdist workers for `make test` (one single-threaded torch process per core; 0 = no workers)
 TEST_WORKERS ?= auto
+# presets `make smoke-paper` runs side by side (one single-threaded process each)
+SMOKE_JOBS ?= 2
 export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
 export MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING ?= false
@@ -19,7 +21,7 @@ MLFLOW_PORT ?= 5000
 MLFLOW_WORKERS ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-slurm lint format bench mlflow-ui mlflow-server sweep-local sweep-slurm report rerun cfg clean
+.PHONY: help install demo test test-slurm lint format bench smoke-paper gpu-check mlflow-ui mlflow-server sweep-local sweep-slurm report rerun cfg clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -45,6 +47,12 @@ format: install ## ruff autofix + format
 
 bench: install ## LoRAX throughput benchmark -> bench_results/lorax.json (ARGS=--tasks 5 ...)
 	$(PY) -m genattr.bench lorax $(ARGS)
+
+smoke-paper: install ## Every paper preset at full model/image size, 2 optimiser steps a stage, on CPU (~15 min on 2 cores)
+	$(PY) -m genattr.smoke --jobs $(SMOKE_JOBS) $(ARGS)
+
+gpu-check: install ## On a GPU machine, one call: images/s, MFU, LoRAX batched experts, every preset in paper precision -> bench_results/gpu.json
+	$(PY) -m genattr.gpu_check $(ARGS)
 
 mlflow-ui: install ## MLflow UI on http://127.0.0.1:5000 over the local store (mlflow.db)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \

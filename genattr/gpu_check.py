@@ -214,7 +214,9 @@ def throughput(device: torch.device, *, scale: float, steps: int, warmup: int, p
 def preset_command(preset: str, out: Path, *, steps: int, cache_dir: Path) -> list[str]:
     """``launch.py`` for one preset on the GPU: the smoke overrides without the CPU ones, its own precision."""
     cpu = smoke.command(preset, out, steps=steps, cache_dir=cache_dir)
-    return [a for a in cpu if a not in smoke.COMMON] + list(GPU_COMMON)
+    # every stage on a GPU: the CPU runs' stop_after_task is dropped
+    kept = [a for a in cpu if a not in smoke.COMMON and not a.startswith("stop_after_task=")]
+    return kept + list(GPU_COMMON)
 
 
 def plan(names: Sequence[str], steps: int, out: Path, cache_dir: Path) -> dict[str, Any]:

@@ -22,11 +22,12 @@ ALLOWED = (
     "trainer.",
     "data.twin.",
     "model.pretrained",
-    "model.twin_pretrain.",
+    "model.weights",
     "method.memory.size",
     "method.augmentation_factor",
     "tracking",
     "paths.",
+    "stop_after_task",
 )
 
 
@@ -108,6 +109,7 @@ def test_gpu_check_plans_every_preset_and_refuses_a_machine_without_a_gpu(tmp_pa
         args = planned["presets"][preset]
         assert "trainer.cpu=false" in args and "trainer.max_steps=3" in args
         assert "trainer.mixed_precision=no" not in args  # the preset's own precision
+        assert not any(a.startswith("stop_after_task=") for a in args)  # every stage
     if not torch.cuda.is_available():
         assert gpu_check.main(["--workdir", str(tmp_path)]) == 2
 
@@ -138,3 +140,17 @@ def test_peak_and_mfu_figures_on_cpu_and_the_readme_table():
     }
     table = gpu_check.markdown(report)
     assert "| LoRAX ConViT-B r64 |" in table and "| lorax_cddb_hard | 12.0 | 3.2 GB | pass |" in table
+
+
+def test_random_weights_are_written_once_in_the_layout_the_preset_loads(tmp_path):
+    from genattr.models.face_vit import build_face_vit
+
+    path = smoke.weights_file("gslora_casia100", tmp_path)
+    assert smoke.weights_file("gslora_pp_casia100", tmp_path) == path  # one file for the presets that share it
+    smoke._written(path, smoke.random_face_vit)
+    stamp = path.stat().st_mtime_ns
+    assert smoke._written(path, smoke.random_face_vit) == path and path.stat().st_mtime_ns == stamp
+    arch = dict(img_size=112, patch_size=8, embed_dim=512, depth=6, num_heads=8, mlp_dim=2048)
+    ck = {"lora": "drop", "lora_alpha": 1}
+    net = build_face_vit(num_classes=100, weights=str(path), head={"s": 64.0, "m": 0.35}, checkpoint=ck, **arch)
+    assert sum(p.numel() for p in net.parameters()) == 19_157_504  # conf/model/vit_face_p8s8.yaml's count
