@@ -13,7 +13,6 @@ same run on a warm one draw the same numbers.
 from __future__ import annotations
 
 import logging
-import os
 import random
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from genattr.twins.spec import Twin
 from genattr.utils.errors import ConfigError
+from genattr.utils.io import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,7 @@ def twin_spec(data: DictConfig) -> tuple[Callable[..., Twin], dict[str, Any], Pa
     params = OmegaConf.to_container(node, resolve=True)
     assert isinstance(params, dict)
     target = str(params.pop("_target_"))
-    cache = params.pop("cache_dir", None) or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "genattr")
-    return get_method(target), params, Path(str(cache)).expanduser()
+    return get_method(target), params, cache_dir(params.pop("cache_dir", None))
 
 
 def materialize(cfg: DictConfig, *, main_process: bool = True, wait: Callable[[], None] | None = None) -> Twin | None:

@@ -43,7 +43,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,6 +58,7 @@ from genattr.twins.cache import cached_twin
 from genattr.twins.content import domain_style, name_seed, render
 from genattr.twins.rarvar_train import train_generator, train_tokenizer
 from genattr.twins.spec import Twin
+from genattr.utils.io import cache_dir as default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -368,7 +368,7 @@ def build_rarvar_twin(cache_dir: str | Path | None = None, **overrides: Any) -> 
 
         raise ConfigError(f"unknown rarvar twin setting(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
     params = {**DEFAULTS, **overrides}
-    cache = Path(cache_dir or os.environ.get("GENATTR_CACHE", "~/.cache/genattr")).expanduser()
+    cache = default_cache_dir(cache_dir)
 
     def generate(tmp: Path) -> Mapping[str, Any]:
         with _deterministic():

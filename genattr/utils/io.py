@@ -27,3 +27,13 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def cache_dir(value: str | Path | None = None) -> Path:
+    """The cache folder of twins and twin-pretrained backbones: ``value`` (a run passes ``paths.cache_dir``,
+    ``${oc.env:GENATTR_CACHE,<project>/.cache}``) or, for a call outside a run, that same default. One rule for
+    every cache, so a twin built from Python and one built by ``launch.py`` land in the same place."""
+    if value:
+        return Path(str(value)).expanduser()
+    env = os.environ.get("GENATTR_CACHE")
+    return Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / ".cache"

@@ -128,3 +128,14 @@ def test_the_cddb_twin_hands_a_twin_pretrained_backbone_over_as_model_weights(co
     cfg = compose_cfg([*ov, "model.twin_pretrain.enabled=false"])
     build_protocol(cfg)
     assert cfg.model.weights is None
+
+
+def test_every_cache_outside_a_run_follows_the_config_default(monkeypatch, tmp_path):
+    """conf/paths/default.yaml: cache_dir = ${oc.env:GENATTR_CACHE,<project>/.cache}; code paths without a config
+    (a twin or backbone built from Python) use the same rule."""
+    from genattr.utils.io import cache_dir
+
+    monkeypatch.delenv("GENATTR_CACHE", raising=False)
+    assert cache_dir(None) == Path(__file__).resolve().parents[2] / ".cache"
+    monkeypatch.setenv("GENATTR_CACHE", str(tmp_path / "env"))
+    assert cache_dir(None) == tmp_path / "env" and cache_dir(tmp_path / "given") == tmp_path / "given"

@@ -43,6 +43,7 @@ from genattr.methods.base import Report, RunContext
 from genattr.methods.forgetting.base import check_one_step_per_batch, process_rows
 from genattr.utils.errors import ConfigError
 from genattr.utils.instantiate import build
+from genattr.utils.io import cache_dir
 from genattr.utils.weights import state_dict_cpu
 
 log = logging.getLogger(__name__)
@@ -250,7 +251,7 @@ def twin_backbone(model_cfg: Mapping[str, Any], protocol: Any, device: torch.dev
         "version": RECIPE_VERSION,
     }
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    cache = Path(str(model_cfg["cache_dir"] or os.environ.get("GENATTR_CACHE", "~/.cache/genattr"))).expanduser()
+    cache = cache_dir(model_cfg["cache_dir"])
     out = cache / "forgetting_twin_backbones" / f"{arch['name']}-{key}.safetensors"
     net = build_net(model_cfg, protocol, weights=False)
     if out.is_file():
