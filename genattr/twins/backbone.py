@@ -1,9 +1,12 @@
 """Pretrain a small backbone on the synthetic pretraining set, once, and cache it.
 
 A frozen *random* ViT has no useful low-level features, so LoRA adapters on it cannot
-show what they show on an ImageNet-pretrained ConViT. Twin runs therefore start from a
-backbone pretrained on a separate synthetic set (generic artifact classes), playing the
-role of ImageNet pretraining. The result is cached by a hash of everything that shapes it.
+show what they show on an ImageNet-pretrained ConViT. With ``model.twin_pretrain.enabled``
+a twin run starts from a backbone pretrained on a separate synthetic set (generic image
+degradations, none of them a twin fingerprint: :mod:`genattr.twins.pretrain`), playing the
+role of ImageNet pretraining. The file is written once (temp file + rename) under
+``<cache_dir>/twin_backbones/``, named by the architecture and a hash of the architecture
+and the recipe, and found there by every later run.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ from genattr.utils.weights import state_dict_cpu
 
 log = logging.getLogger(__name__)
 
-#: Bump when the pretraining recipe changes so that stale caches are not reused.
-RECIPE_VERSION = 1
+#: Bump when the training loop or the pretext set (genattr/twins/pretrain.py) changes: the cache key then changes.
+RECIPE_VERSION = 2
 
 
 def ensure_twin_backbone(
@@ -39,23 +42,31 @@ def ensure_twin_backbone(
     name: str,
     extra: Mapping[str, Any],
     cache_dir: Path,
-    enabled: bool = True,
-    steps: int = 600,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    n_images: int = 6000,
-    seed: int = 0,
+    steps: int,
+    warmup_steps: int,
+    batch_size: int,
+    lr: float,
+    n_images: int,
+    strength: float,
+    seed: int,
 ) -> Path:
-    """Return the cached safetensors file for this recipe, training ``model`` if needed."""
+    """Return the cached safetensors file for this recipe, training ``model`` if needed.
+
+    The recipe (``model.twin_pretrain`` less ``enabled``) has its defaults in ``conf/model``: a linear warm-up
+    of ``warmup_steps``, then cosine decay to 0. A ViT from scratch is touchy here: at lr 1e-3, or with the
+    pretext at ``strength`` 1, the tiny twin ConViT stays at chance within a CPU step budget.
+    """
     from genattr.twins.pretrain import pretrain_set
 
     recipe = dict(
         name=name,
         extra=dict(extra),
         steps=steps,
+        warmup_steps=warmup_steps,
         batch_size=batch_size,
         lr=lr,
         n_images=n_images,
+        strength=strength,
         seed=seed,
         version=RECIPE_VERSION,
     )
@@ -67,7 +78,7 @@ def ensure_twin_backbone(
     crop = int(extra.get("img_size", 224))
     log.warning("pretraining %s on the synthetic pretraining set (%d steps, cached at %s)", name, steps, out)
     t0 = time.time()
-    images, labels, n_classes = pretrain_set(n_images, image_size=crop + 8, seed=seed)
+    images, labels, n_classes = pretrain_set(n_images, image_size=crop + 8, seed=seed, strength=strength)
     x_all = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 N,3,H,W
     y_all = torch.from_numpy(labels).long()
     gen = torch.Generator().manual_seed(seed)
@@ -77,7 +88,7 @@ def ensure_twin_backbone(
     net.train()
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            group["lr"] = _lr_at(step, steps=steps, warmup_steps=warmup_steps, lr=lr)
         idx = torch.randint(0, len(x_all), (batch_size,), generator=gen)
         ox, oy = torch.randint(0, 9, (2,), generator=gen).tolist()
         x = x_all[idx, :, oy : oy + crop, ox : ox + crop].float().div_(255).sub_(0.5).div_(0.5)
@@ -95,6 +106,13 @@ def ensure_twin_backbone(
     save_file(state_dict_cpu(model), tmp, metadata={"recipe": json.dumps(recipe, default=str)})
     os.replace(tmp, out)
     return out
+
+
+def _lr_at(step: int, *, steps: int, warmup_steps: int, lr: float) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to 0 at ``steps``."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, steps - warmup_steps)))
 
 
 @torch.no_grad()
@@ -116,5 +134,6 @@ def twin_backbone_file(model_cfg: Mapping[str, Any], recipe: Mapping[str, Any], 
     extra = dict(arch["kwargs"] or {}) | {"num_classes": 0}
     if arch["img_size"] is not None:
         extra["img_size"] = arch["img_size"]
+    recipe = {k: v for k, v in recipe.items() if k != "enabled"}
     with torch.random.fork_rng(devices=[]):
         return ensure_twin_backbone(model, name=str(arch["name"]), extra=extra, cache_dir=cache_dir, **recipe)

@@ -155,7 +155,8 @@ def cddb_twin(*, data: Mapping[str, Any], model: Mapping[str, Any], params: Mapp
     The twin is cropped like CDDB, never resized, so its images must be at least ``data.crop``. With
     ``model.twin_pretrain.enabled`` (and neither ``model.weights`` nor ``model.pretrained``) the backbone is
     pretrained once on the separate synthetic pretext (:mod:`genattr.twins.backbone`) and handed to the model as
-    ``model.weights``, as a released checkpoint would be.
+    ``model.weights``, as a released checkpoint would be. The run's ``config.yaml`` and MLflow params are written
+    before the twin is built, so the file is also named in the twin's info (``data/info.json["twin"]["backbone"]``).
     """
     if int(params["image_size"]) < int(data["crop"]):
         raise ConfigError(
@@ -164,7 +165,9 @@ def cddb_twin(*, data: Mapping[str, Any], model: Mapping[str, Any], params: Mapp
         )
     root = ensure_cddb_twin(cache_dir, **params)
     weights: dict[str, Any] = {}
+    info = plain(params)
     recipe = dict(model.get("twin_pretrain") or {})
     if recipe.get("enabled") and model.get("weights") is None and not model.get("pretrained"):
         weights = {"weights": str(twin_backbone_file(model, recipe, cache_dir))}
-    return Twin(root=root, info=plain(params), model=weights)
+        info["backbone"] = {"weights": weights["weights"], "twin_pretrain": plain(recipe)}
+    return Twin(root=root, info=info, model=weights)

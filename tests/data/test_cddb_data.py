@@ -19,7 +19,7 @@ from genattr.data.transforms import test_transform, train_transform
 from genattr.run import build_protocol
 from genattr.twins import cddb as twin_cddb
 from genattr.twins.cddb import cddb_twin, ensure_cddb_twin
-from genattr.twins.pretrain import pretrain_set
+from genattr.twins.pretrain import CLASS_NAMES, pretrain_set
 from genattr.utils.errors import ConfigError, DataError
 
 HARD = ["gaugan", "biggan", "wild", "whichfaceisreal", "san"]
@@ -372,7 +372,23 @@ def test_twin_fingerprints_are_learnable_but_not_trivial(long, cache: Path) -> N
 def test_pretrain_set() -> None:
     x, y, k = pretrain_set(64, image_size=24, seed=3)
     assert x.shape == (64, 24, 24, 3) and x.dtype == np.uint8
-    assert y.dtype == np.int64 and k == 16 and set(y.tolist()) == set(range(16))
+    assert y.dtype == np.int64 and k == len(CLASS_NAMES) == 11 and set(y.tolist()) == set(range(k))
     x2, y2, _ = pretrain_set(64, image_size=24, seed=3)
     assert np.array_equal(x, x2) and np.array_equal(y, y2)
     assert not np.array_equal(x, pretrain_set(64, image_size=24, seed=4)[0])
+    # strength scales the degradations only: at 0 every image is its clean content
+    x0, y0, _ = pretrain_set(64, image_size=24, seed=3, strength=0.0)
+    assert np.array_equal(y0, y) and np.array_equal(x0[y == 0], x[y == 0])
+    assert not np.array_equal(x0[y > 0], x[y > 0])
+
+
+def test_the_pretext_is_separate_from_the_twin_fingerprints() -> None:
+    """The twin-pretrained backbone stands in for ImageNet weights: it must not learn a CDDB twin trace."""
+    import ast
+
+    import genattr.twins.pretrain as pretext
+
+    tree = ast.parse(Path(pretext.__file__).read_text())
+    modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert "genattr.twins.fingerprints" not in modules and "domain_style" not in names

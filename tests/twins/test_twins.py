@@ -122,12 +122,23 @@ def test_the_cddb_twin_hands_a_twin_pretrained_backbone_over_as_model_weights(co
         "model.twin_pretrain.batch_size=8",
     ]
     cfg = compose_cfg(ov)
-    build_protocol(cfg)
+    protocol = build_protocol(cfg)
     weights = Path(cfg.model.weights)
-    assert weights.is_file() and weights.is_relative_to(tmp_path)
+    assert weights.is_file() and weights.parent == tmp_path / "twin_backbones"
+    # the run's record of it: data/info.json["twin"] names the file and the recipe
+    assert protocol.info["twin"]["backbone"]["weights"] == str(weights)
+    assert protocol.info["twin"]["backbone"]["twin_pretrain"]["steps"] == 2
+    # written once: the next run finds it; another recipe is another file
+    written = weights.stat().st_mtime_ns
+    again = compose_cfg(ov)
+    build_protocol(again)
+    assert again.model.weights == str(weights) and weights.stat().st_mtime_ns == written
+    other = compose_cfg([*ov, "model.twin_pretrain.strength=1.0"])
+    build_protocol(other)
+    assert other.model.weights != str(weights) and Path(other.model.weights).is_file()
     cfg = compose_cfg([*ov, "model.twin_pretrain.enabled=false"])
-    build_protocol(cfg)
-    assert cfg.model.weights is None
+    protocol = build_protocol(cfg)
+    assert cfg.model.weights is None and "backbone" not in protocol.info["twin"]
 
 
 def test_every_cache_outside_a_run_follows_the_config_default(monkeypatch, tmp_path):
