@@ -236,11 +236,15 @@ def run_presets(names: Sequence[str], out: Path, *, steps: int, cache_dir: Path,
             rows.append({"preset": name, "passed": False, "note": "skipped: --budget-s spent"})
             continue
         result = smoke.run_one(name, out, steps=steps, cache_dir=cache_dir, timeout=left, cmd=preset_command)
-        row = {"preset": name, "seconds": result.seconds, "passed": result.passed, "note": result.note}
-        results = out / name / "results.json"
-        if results.is_file():
-            row["peak_gpu_memory_gb"] = json.loads(results.read_text()).get("peak_gpu_memory_gb")
-        rows.append(row)
+        rows.append(
+            {
+                "preset": name,
+                "seconds": result.seconds,
+                "passed": result.passed,
+                "note": result.note,
+                "peak_gpu_memory_gb": result.peak_gpu_memory_gb,
+            }
+        )
         print(f"  {name}: {'pass' if result.passed else 'FAIL ' + result.note} in {result.seconds:.0f} s", flush=True)
     return rows
 
@@ -316,16 +320,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "peak_bf16_tflops": peak,
         "torch": torch.__version__,
         "not_covered": dict(smoke.NOT_COVERED),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
     print(f"gpu-check on {name} (bf16 peak {peak} TFLOP/s)", flush=True)
     report["throughput"] = throughput(device, scale=1.0, steps=10, warmup=3, peak=peak)
     torch.cuda.empty_cache()
     print(json.dumps(report["throughput"], indent=2), flush=True)
     deadline = t_start + args.budget_s
-    env_before = os.environ.get("OMP_NUM_THREADS")
     report["presets"] = run_presets(names, out, steps=args.steps, cache_dir=cache, deadline=deadline)
     report["seconds"] = round(time.perf_counter() - t_start, 1)
-    report["omp_num_threads"] = env_before
     target = smoke.ROOT / args.out
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(report, indent=2))

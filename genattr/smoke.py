@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import threading
@@ -184,8 +183,9 @@ class SmokeResult:
     passed: bool
     returncode: int
     log: str
-    stages: int | None = None
     note: str = ""
+    #: on a GPU: ``results.json`` ``peak_gpu_memory_gb`` (``make gpu-check``)
+    peak_gpu_memory_gb: float | None = None
 
 
 def presets() -> list[str]:
@@ -243,26 +243,25 @@ def run_one(
                 time.sleep(0.5)
     seconds = time.perf_counter() - t0
     rc = os.waitstatus_to_exitcode(status)
-    proc.returncode = rc
     peak_mb = usage.ru_maxrss / 1024 if usage is not None else float("nan")
     results = out / preset / "results.json"
-    note, stages, passed = "", None, rc == 0 and results.is_file()
+    note, gpu_gb, passed = "", None, rc == 0 and results.is_file()
     if rc != 0:
         note = "timed out" if seconds >= timeout else f"exit {rc}: {_last_line(log_path)}"
     elif not results.is_file():
         note = "no results.json"
     else:
         report = json.loads(results.read_text())
-        stages = _stage_count(report)
-        asked_to_stop = any(a.startswith("stop_after_task=") for a in SMOKE.get(preset, ()))
-        if report.get("completed") is False and not asked_to_stop:
+        gpu_gb = report.get("peak_gpu_memory_gb")
+        stop = next((a for a in SMOKE.get(preset, ()) if a.startswith("stop_after_task=")), None)
+        if report.get("completed") is False and stop is None:
             passed, note = False, "the report is incomplete"
-        elif asked_to_stop:
-            note = "stopped where asked: " + next(a for a in SMOKE[preset] if a.startswith("stop_after_task="))
+        elif stop is not None:
+            note = f"stopped where asked: {stop}"
         bad = [k for k, v in _numbers(report) if not math.isfinite(v) and _is_loss(k)]
         if bad:
             passed, note = False, f"non-finite loss: {', '.join(bad[:3])}"
-    return SmokeResult(preset, round(seconds, 1), round(peak_mb, 1), passed, rc, str(log_path), stages, note)
+    return SmokeResult(preset, round(seconds, 1), round(peak_mb, 1), passed, rc, str(log_path), note, gpu_gb)
 
 
 def _last_line(log_path: Path) -> str:
@@ -282,11 +281,6 @@ def _numbers(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
 
 def _is_loss(key: str) -> bool:
     return "loss" in key.rsplit(".", 1)[-1]
-
-
-def _stage_count(report: dict[str, Any]) -> int | None:
-    seconds = report.get("stage_seconds") or report.get("seconds_per_stage")
-    return len(seconds) if isinstance(seconds, dict) else None
 
 
 def table(results: Sequence[SmokeResult]) -> str:
@@ -322,7 +316,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = work / stamp
     out.mkdir()
-    limits = resource.getrlimit(resource.RLIMIT_AS)
     print(f"smoke-paper: {len(names)} preset(s), trainer.max_steps={args.steps}, {args.jobs} at a time -> {out}")
 
     def one(name: str) -> SmokeResult:
@@ -346,7 +339,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "steps": args.steps,
                 "jobs": args.jobs,
                 "cpu_count": os.cpu_count(),
-                "address_space_limit": limits[0],
                 "results": [asdict(r) for r in results],
                 "not_covered": {n: NOT_COVERED[n] for n in skipped},
             },

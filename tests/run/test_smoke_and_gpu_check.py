@@ -78,7 +78,10 @@ def _fake(code: str):
 
 
 def test_run_one_tells_pass_from_crash_timeout_and_a_non_finite_loss(tmp_path):
-    ok = "import json; json.dump({'train_loss': 0.5, 'acc': float('nan')}, open('OUT/results.json', 'w'))"
+    ok = (
+        "import json; json.dump({'train_loss': 0.5, 'acc': float('nan'), 'peak_gpu_memory_gb': 1.5}, "
+        "open('OUT/results.json', 'w'))"
+    )
     nan = "import json; json.dump({'per_task': [{'train_loss': float('nan')}]}, open('OUT/results.json', 'w'))"
     crash = "import sys; print('boom: a sentence'); sys.exit(3)"
     slow = "import time; time.sleep(30)"
@@ -87,6 +90,7 @@ def test_run_one_tells_pass_from_crash_timeout_and_a_non_finite_loss(tmp_path):
         for name, code in (("ok", ok), ("nan", nan), ("crash", crash), ("slow", slow))
     }
     assert runs["ok"].passed and runs["ok"].peak_rss_mb > 1  # a NaN that is not a loss is no failure
+    assert runs["ok"].peak_gpu_memory_gb == 1.5 and runs["crash"].peak_gpu_memory_gb is None
     assert not runs["nan"].passed and "non-finite loss: per_task.0.train_loss" in runs["nan"].note
     assert not runs["crash"].passed and runs["crash"].note == "exit 3: boom: a sentence"
     assert not runs["slow"].passed and runs["slow"].note == "timed out" and runs["slow"].seconds < 15
