@@ -82,6 +82,29 @@ _IMAGENET100 = (
     "trainer.eval_batch_size=50",
     "stop_after_task=0",  # ViT-B/16 over 100 test images, evaluated often: the first of four tasks on CPU
 )
+#: AbU on generated release-format data (:func:`release_mscoco`: 4 images, 2 queries) with random feature towers.
+#: The counts that multiply full-size UNet passes are cut to a few: one Fisher pass, 2 micro-batches of 8 draws, 2
+#: timesteps per loss, 2 regeneration steps. The leave-K-out retrains train here (2 steps each) instead of being
+#: planned for SLURM, for the first query and AbU's removal plus one random removal: every method's retrain is
+#: the same code with another removed set.
+_MSCOCO = (
+    "method.features.clip.pretrained=false",
+    "method.features.dino.pretrained=false",
+    "method.features.clip_text.pretrained=false",
+    "method.fisher.epochs=1",
+    "method.unlearn.draws=16",
+    "method.unlearn.batch_size=8",
+    "method.sweep.time_samples=2",
+    "trainer.batch_size=4",
+    "method.evaluation.retrains=inline",
+    "method.evaluation.ks=[1]",
+    "method.evaluation.methods=[unlearn]",
+    "method.evaluation.max_queries=1",
+    "method.evaluation.random_seeds=1",
+    "method.evaluation.loss_time_samples=2",
+    "method.evaluation.regen.steps=2",
+    "method.recall_ks=[2]",
+)
 
 #: preset -> the overrides a CPU smoke run adds (twin at the real image size, few images, small batches, random
 #: weights); the step cap and :data:`COMMON` come on top
@@ -97,11 +120,11 @@ SMOKE: dict[str, tuple[str, ...]] = {
     "gslora_pp_casia100": _CASIA,
     "gslora_imagenet100": _IMAGENET100,
     "gslora_pp_imagenet100": _IMAGENET100,
+    "unlearn_mscoco": _MSCOCO,
 }
 
 #: presets no CPU smoke run covers yet, and why (listed in the table as not covered, never as passed)
 NOT_COVERED: dict[str, str] = {
-    "unlearn_mscoco": "needs release-format latents (4x16x16) and text states (77x1024); the twin is pixel-space",
     "prada_one_step_rarvar": "VAR-d16..d30 + RAR-B..XXL features cost ~14 TFLOP per image: GPU only (make gpu-check)",
     "prada_two_stage_rarvar": "VAR-d16..d30 + RAR-B..XXL features cost ~14 TFLOP per image: GPU only (make gpu-check)",
 }
@@ -121,21 +144,103 @@ def random_torchvision_vit_b16() -> Any:
     return torchvision.models.vit_b_16(weights=None)
 
 
-def _preset_model(preset: str, num_classes: int) -> Any:
+def _preset_model_cfg(preset: str) -> dict[str, Any]:
+    """The preset's composed, resolved ``model`` group (Hydra's compose API is process-global: callers hold
+    :data:`_WRITING`)."""
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
     from genattr.config import register_resolvers
-    from genattr.utils.instantiate import build
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"experiment={preset}"])
+    return OmegaConf.to_container(cfg.model, resolve=True)
+
+
+def _preset_model(preset: str, num_classes: int) -> Any:
     from omegaconf import OmegaConf
 
     from genattr.methods.forgetting.pretrain import NON_ARCH_KEYS
+    from genattr.utils.instantiate import build
 
-    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model = _preset_model_cfg(preset)
     return build(OmegaConf.create({k: v for k, v in model.items() if k not in NON_ARCH_KEYS}), num_classes=num_classes)
+
+
+#: the AbU MSCOCO release's fixed shapes: CLIP's 77 text positions, COCO's 5 captions per training image
+_TEXT_TOKENS, _CAPTIONS = 77, 5
+#: Stable Diffusion 2's VAE (``stabilityai/stable-diffusion-2`` ``vae/config.json``), which wrote the release's latents
+SD2_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512],
+    layers_per_block=2,
+    act_fn="silu",
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=768,
+    scaling_factor=0.18215,
+)
+
+
+def release_mscoco(folder: Path, *, n_train: int = 4, n_queries: int = 2) -> None:
+    """An AbU MSCOCO release folder (:mod:`genattr.data.mscoco`'s layout) at the preset's sizes, random content:
+    latents at the preset UNet's channels and sample size, 77 x ``cross_attention_dim`` text states (5 captions a
+    training image), the empty prompt's states, captions files, the preset's UNet at random init
+    (``model.safetensors``) and Stable Diffusion 2's VAE at random init (``vae/``, for ``data.vae``). The twin
+    cannot stand in: it is pixel-space with 3 channels, and the release's path (latents decoded by a VAE) is
+    what a researcher runs."""
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    from genattr.models.diffusion import build_diffusion, diffusion_kwargs
+
+    model = _preset_model_cfg("unlearn_mscoco")
+    unet = model["unet"]
+    channels, size, dim = int(unet["in_channels"]), int(unet["sample_size"]), int(unet["cross_attention_dim"])
+    rng = np.random.default_rng(0)
+    latents = rng.normal(size=(n_train, channels, size, size)).astype(np.float32)
+    text = rng.normal(size=(n_train, _CAPTIONS, _TEXT_TOKENS, dim)).astype(np.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "coco17_train_latents.npy", np.concatenate([latents, latents[..., ::-1]]))  # N, then flipped
+    np.save(folder / "coco17_train_text_embeddings.npy", text)
+    query = rng.normal(size=(n_queries, channels, size, size)).astype(np.float32)
+    np.save(folder / "coco17_sample_latents.npy", query)
+    np.save(
+        folder / "coco17_sample_text_embeddings.npy",
+        rng.normal(size=(n_queries, 1, _TEXT_TOKENS, dim)).astype(np.float32),
+    )
+    np.save(folder / "null_text_embedding.npy", rng.normal(size=(1, _TEXT_TOKENS, dim)).astype(np.float32))
+    (folder / "train_captions.txt").write_text("".join(f"a photo of object {i}\n" for i in range(n_train)))
+    (folder / "sample_caption.txt").write_text("".join(f"a picture of thing {i}\n" for i in range(n_queries)))
+    state = build_diffusion(**diffusion_kwargs(model)).unet.state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    torch.manual_seed(0)
+    AutoencoderKL(**SD2_VAE).save_pretrained(str(folder / "vae"))
+
+
+def data_folder(preset: str, cache_dir: Path) -> Path:
+    """Where the generated data of ``preset`` (:data:`DATA`) lives; :func:`run_one` writes it once."""
+    return cache_dir / "data" / DATA[preset][0]
+
+
+def _written_folder(folder: Path, make: Callable[[Path], None]) -> Path:
+    """``folder``, written once (into a temporary sibling, then renamed), one writer at a time."""
+    import shutil
+
+    with _WRITING:
+        if folder.is_dir():
+            return folder
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        make(tmp)
+        tmp.replace(folder)
+    return folder
 
 
 def weights_file(preset: str, cache_dir: Path) -> Path:
@@ -175,6 +280,12 @@ WEIGHTS: dict[str, tuple[str, Callable[[], Any]]] = {
 }
 
 
+#: presets whose run reads a data folder in a release's format: generated at the preset's sizes, random content
+DATA: dict[str, tuple[str, Callable[[Path], None]]] = {
+    "unlearn_mscoco": ("abu_mscoco-random", release_mscoco),
+}
+
+
 @dataclass
 class SmokeResult:
     preset: str
@@ -203,6 +314,11 @@ def command(preset: str, out: Path, *, steps: int, cache_dir: Path) -> list[str]
         f"trainer.max_steps={steps}",
         *SMOKE[preset],
         *([f"model.weights={weights_file(preset, cache_dir)}"] if preset in WEIGHTS else []),
+        *(
+            [f"data.root={data_folder(preset, cache_dir)}", f"data.vae={data_folder(preset, cache_dir) / 'vae'}"]
+            if preset in DATA
+            else []
+        ),
         f"hydra.run.dir={out / preset}",
         f"paths.cache_dir={cache_dir}",
     ]
@@ -221,6 +337,8 @@ def run_one(
     memory (``wait4``) and whether it wrote ``results.json`` with finite losses."""
     if preset in WEIGHTS:
         _written(weights_file(preset, cache_dir), WEIGHTS[preset][1])
+    if preset in DATA:
+        _written_folder(data_folder(preset, cache_dir), DATA[preset][1])
     log_path = out / f"{preset}.log"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     t0 = time.perf_counter()

@@ -58,12 +58,12 @@ def build_diffusion(
 
 
 def diffusion_kwargs(model: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``model`` group as :func:`build_diffusion` arguments: what a trained model's identity hashes."""
-    return {
-        "unet": dict(model["unet"]),
-        "scheduler": dict(model.get("scheduler", {})),
-        "seed": int(model.get("init_seed", 0)),
-    }
+    """The ``model`` group as :func:`build_diffusion` arguments: what a trained model's identity hashes. Every key
+    is read from the group (``conf/model/unet_mscoco.yaml`` holds the defaults), never filled in here."""
+    missing = [k for k in ("unet", "scheduler", "init_seed") if k not in model]
+    if missing:
+        raise ConfigError(f"model has no {', '.join(missing)}: a diffusion model group extends conf/model/unet_mscoco")
+    return {"unet": dict(model["unet"]), "scheduler": dict(model["scheduler"]), "seed": int(model["init_seed"])}
 
 
 def load_unet_weights(net: torch.nn.Module, path: str | Path) -> None:

@@ -16,15 +16,27 @@ from omegaconf import OmegaConf
 
 from genattr import gpu_check, smoke
 
-#: what a smoke run may change besides the trainer: the twin (written at the real size), random weights in place
-#: of released or twin-pretrained ones, the memory / augmentation counts that scale with the few images
+#: what a smoke run may change besides the trainer: the twin (written at the real size) or generated release-format
+#: data, random weights in place of released or twin-pretrained ones, and the counts that scale with the few images
+#: (memory, augmentation; AbU's draws, timesteps, Fisher passes and leave-K-out plan)
 ALLOWED = (
     "trainer.",
     "data.twin.",
+    "data.root",
+    "data.vae",
     "model.pretrained",
     "model.weights",
     "method.memory.size",
     "method.augmentation_factor",
+    "method.features.clip.pretrained",
+    "method.features.dino.pretrained",
+    "method.features.clip_text.pretrained",
+    "method.fisher.epochs",
+    "method.unlearn.draws",
+    "method.unlearn.batch_size",
+    "method.sweep.time_samples",
+    "method.evaluation.",
+    "method.recall_ks",
     "tracking",
     "paths.",
     "stop_after_task",
@@ -158,3 +170,20 @@ def test_random_weights_are_written_once_in_the_layout_the_preset_loads(tmp_path
     ck = {"lora": "drop", "lora_alpha": 1}
     net = build_face_vit(num_classes=100, weights=str(path), head={"s": 64.0, "m": 0.35}, checkpoint=ck, **arch)
     assert sum(p.numel() for p in net.parameters()) == 19_157_504  # conf/model/vit_face_p8s8.yaml's count
+
+
+def test_generated_mscoco_release_has_the_preset_shapes_and_loads(tmp_path):
+    from genattr.data.mscoco import load_mscoco
+    from genattr.models.diffusion import build_diffusion, diffusion_kwargs, load_unet_weights
+
+    paper = compose_config(["experiment=unlearn_mscoco"], tmp_path)
+    folder = smoke._written_folder(tmp_path / "rel", smoke.release_mscoco)
+    protocol = load_mscoco(folder, vae=str(folder / "vae"))
+    unet = paper.model.unet
+    assert protocol.train_latents.shape == (8, unet.in_channels, unet.sample_size, unet.sample_size)
+    assert protocol.train_text.shape == (4, 5, 77, unet.cross_attention_dim)  # COCO's 5 captions, CLIP's 77 tokens
+    assert protocol.null_text is not None and protocol.vae == folder / "vae" and protocol.train_captions is not None
+    model = build_diffusion(**diffusion_kwargs(OmegaConf.to_container(paper.model, resolve=True)))
+    load_unet_weights(model.unet, protocol.unet_weights)  # strict: the preset's architecture
+    assert sum(p.numel() for p in model.unet.parameters()) > 50_000_000  # the 57.4 M MSCOCO UNet, not a twin
+    assert json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"] == [128, 256, 512, 512]

@@ -249,7 +249,8 @@ def train_unet(
     if ema is not None:
         ema.copy_to(unet.parameters())
     log.info(
-        "trained %d steps (%s, %d of %d images kept) in %.1fs",
+        "trained %d of %d steps (%s, %d of %d images kept) in %.1fs",
+        step,
         total,
         coupling,
         int(keep.sum()),
