@@ -1,10 +1,10 @@
 """Pretrain a small backbone on the synthetic pretraining set, once, and cache it.
 
-A frozen *random* ViT has no useful low-level features, so LoRA adapters on it cannot
-show what they show on an ImageNet-pretrained ConViT. With ``model.twin_pretrain.enabled``
-a twin run starts from a backbone pretrained on a separate synthetic set (generic image
-degradations, none of them a twin fingerprint: :mod:`genattr.twins.pretrain`), playing the
-role of ImageNet pretraining. The file is written once (temp file + rename) under
+A frozen *random* ViT is not what LoRA adapters adapt on real CDDB. With
+``model.twin_pretrain.enabled`` (on in the CDDB twin's CPU profile) a twin run starts from a
+backbone pretrained on a separate synthetic set (by default content classification, as ImageNet
+is; never a twin fingerprint or a twin domain: :mod:`genattr.twins.pretrain`), playing the role
+of ImageNet pretraining. The file is written once (temp file + rename) under
 ``<cache_dir>/twin_backbones/``, named by the architecture and a hash of the architecture
 and the recipe, and found there by every later run.
 """
@@ -33,7 +33,7 @@ from genattr.utils.weights import state_dict_cpu
 log = logging.getLogger(__name__)
 
 #: Bump when the training loop or the pretext set (genattr/twins/pretrain.py) changes: the cache key then changes.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 
 
 def ensure_twin_backbone(
@@ -49,12 +49,13 @@ def ensure_twin_backbone(
     n_images: int,
     strength: float,
     seed: int,
+    pretext: str,
 ) -> Path:
     """Return the cached safetensors file for this recipe, training ``model`` if needed.
 
     The recipe (``model.twin_pretrain`` less ``enabled``) has its defaults in ``conf/model``: a linear warm-up
     of ``warmup_steps``, then cosine decay to 0. A ViT from scratch is touchy here: at lr 1e-3, or with the
-    pretext at ``strength`` 1, the tiny twin ConViT stays at chance within a CPU step budget.
+    ``degradations`` pretext at ``strength`` 1, the tiny twin ConViT stays at chance within a CPU step budget.
     """
     from genattr.twins.pretrain import pretrain_set
 
@@ -68,6 +69,7 @@ def ensure_twin_backbone(
         n_images=n_images,
         strength=strength,
         seed=seed,
+        pretext=pretext,
         version=RECIPE_VERSION,
     )
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -78,7 +80,9 @@ def ensure_twin_backbone(
     crop = int(extra.get("img_size", 224))
     log.warning("pretraining %s on the synthetic pretraining set (%d steps, cached at %s)", name, steps, out)
     t0 = time.time()
-    images, labels, n_classes = pretrain_set(n_images, image_size=crop + 8, seed=seed, strength=strength)
+    images, labels, n_classes = pretrain_set(
+        n_images, image_size=crop + 8, seed=seed, pretext=pretext, strength=strength
+    )
     x_all = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 N,3,H,W
     y_all = torch.from_numpy(labels).long()
     gen = torch.Generator().manual_seed(seed)
@@ -130,10 +134,13 @@ def twin_backbone_file(model_cfg: Mapping[str, Any], recipe: Mapping[str, Any], 
     from genattr.models.backbones import create_backbone
 
     arch = {"name": model_cfg["name"], "img_size": model_cfg.get("img_size"), "kwargs": model_cfg.get("kwargs")}
-    model = create_backbone(**arch, pretrained=False)
     extra = dict(arch["kwargs"] or {}) | {"num_classes": 0}
     if arch["img_size"] is not None:
         extra["img_size"] = arch["img_size"]
     recipe = {k: v for k, v in recipe.items() if k != "enabled"}
+    # the file depends on the recipe only (its seed draws the initial weights and the dropout), never on the
+    # state of the run that happened to build it first: the cache key is the recipe
     with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(recipe["seed"]))
+        model = create_backbone(**arch, pretrained=False)
         return ensure_twin_backbone(model, name=str(arch["name"]), extra=extra, cache_dir=cache_dir, **recipe)

@@ -1,15 +1,23 @@
-"""A synthetic pre-training set: the twin suite's stand-in for ImageNet weights.
+"""Synthetic pre-training sets: the twin suite's stand-in for ImageNet weights.
 
 LoRAX adapts a *pretrained* frozen backbone; a tiny backbone trained from scratch on
-a few hundred twin images would not be a faithful stand-in. Classifying image
-degradations on random content teaches low-level features (noise, sharpness, banding,
-channel alignment, quantisation) as ImageNet pretraining does, without teaching any
-generator fingerprint: no family below uses an operation of
-:mod:`genattr.twins.fingerprints` (no checkerboard, grating, resampling, blur, repeated
-tile or colour-statistics trace), content comes from :func:`~genattr.twins.content.random_style`
-(never a twin domain's style), and every class redraws its parameters per group of
-images. An ImageNet backbone does not know CDDB's generators either: each LoRA adapter
-has to learn its task's fingerprint, and fine-tuning (replay) has to move the backbone.
+a few hundred twin images would not be a faithful stand-in. ImageNet pretraining is
+*semantic*: it classifies what an image shows, and an ImageNet backbone does not know
+CDDB's generators, so each LoRA adapter has to learn its own task's fingerprint and
+fine-tuning (replay) has to move the backbone. Two pretexts (``model.twin_pretrain.pretext``):
+
+* ``content`` (the default): :data:`N_CONTENT_CLASSES` content families, each a style of
+  :func:`~genattr.twins.content.random_style` (palette, shape vocabulary, texture scale)
+  drawn from the recipe seed, never a twin domain's style; images of one class vary in
+  layout, colours, gradient, stripes, texture and grain, as :func:`~genattr.twins.content.render`
+  draws them. No image carries an added trace, so no feature learns "something was added".
+* ``degradations``: clean content and ten image degradations (noise, banding, blocking,
+  ...) that share no operation with :mod:`genattr.twins.fingerprints`. Kept as the
+  measured counter-example (README, "The twin and the CPU profile"): it teaches a generic
+  "artifact present" detector, so every new LoRA adapter fires on every earlier task's
+  fakes too and LoRAX forgets more than replay.
+
+Neither imports a fingerprint or a twin domain's style (``tests/data/test_cddb_data.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +27,8 @@ from functools import partial
 
 import numpy as np
 
-from genattr.twins.content import gaussian_blur, random_style, render
+from genattr.twins.content import Style, gaussian_blur, random_style, render
+from genattr.utils.errors import ConfigError
 
 Op = Callable[[np.ndarray], np.ndarray]
 
@@ -80,7 +89,7 @@ def _vignette(x: np.ndarray, *, amp: float) -> np.ndarray:
 
 _SHIFTS = ((0, 1), (1, 0), (0, -1), (-1, 0), (1, 1))
 
-# Class k + 1 is FAMILIES[k]: a builder drawing fresh parameters; class 0 is clean content.
+# Degradation class k + 1 is FAMILIES[k]: a builder drawing fresh parameters; class 0 is clean content.
 FAMILIES: dict[str, Callable[[np.random.Generator], Op]] = {
     "white_noise": lambda rng: partial(_white_noise, sigma=rng.uniform(0.025, 0.05), rng=rng),
     "channel_noise": lambda rng: partial(
@@ -99,11 +108,56 @@ FAMILIES: dict[str, Callable[[np.random.Generator], Op]] = {
     "column_banding": lambda rng: partial(_banding, axis=2, amp=rng.uniform(0.015, 0.03), rng=rng),
     "vignette": lambda rng: partial(_vignette, amp=rng.uniform(0.1, 0.25)),
 }
-CLASS_NAMES: tuple[str, ...] = ("clean", *FAMILIES)
+DEGRADATION_CLASSES: tuple[str, ...] = ("clean", *FAMILIES)
+
+#: Content families of the ``content`` pretext (a number of ImageNet-like "object classes" a tiny model can learn).
+N_CONTENT_CLASSES = 16
+
+PRETEXTS = ("content", "degradations")
 
 
-def pretrain_set(n: int, *, image_size: int, seed: int, strength: float = 1.0) -> tuple[np.ndarray, np.ndarray, int]:
-    """``n`` images (uint8 ``N x H x W x 3``), balanced int64 labels, and the class count.
+def pretrain_set(
+    n: int, *, image_size: int, seed: int, pretext: str, strength: float
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """``n`` images (uint8 ``N x H x W x 3``), balanced int64 labels and the class count of ``pretext``.
+
+    ``strength`` scales the ``degradations`` only (the ``content`` pretext adds nothing to scale).
+    """
+    if pretext == "content":
+        return content_set(n, image_size=image_size, seed=seed)
+    if pretext == "degradations":
+        return degradation_set(n, image_size=image_size, seed=seed, strength=strength)
+    raise ConfigError(f"model.twin_pretrain.pretext={pretext!r} is not a pretext; valid: {', '.join(PRETEXTS)}")
+
+
+def content_styles(seed: int) -> list[Style]:
+    """The styles of the content classes: drawn from the recipe seed, on a stream no twin domain uses."""
+    return [random_style(np.random.default_rng([seed, 0xC047, k])) for k in range(N_CONTENT_CLASSES)]
+
+
+def content_set(n: int, *, image_size: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """``n`` images of :data:`N_CONTENT_CLASSES` content families, balanced int64 labels, and the class count.
+
+    A class is a style, not an image: every image is drawn afresh from its class's style, so the backbone
+    learns what the families look like (colours, shapes, texture scale) and nothing about how pixels were made.
+    """
+    styles = content_styles(seed)
+    rng = np.random.default_rng([seed, 0xC0])
+    labels = rng.permutation(np.arange(n) % N_CONTENT_CLASSES).astype(np.int64)
+    images = np.empty((n, image_size, image_size, 3), np.uint8)
+    for start in range(0, n, _CHUNK):
+        crng = np.random.default_rng([seed, 0xC1, start])
+        stop = min(start + _CHUNK, n)
+        out = np.empty((stop - start, image_size, image_size, 3), np.float32)
+        for cls in np.unique(labels[start:stop]):
+            idx = np.flatnonzero(labels[start:stop] == cls)
+            out[idx] = render(crng, len(idx), image_size, styles[cls])
+        images[start:stop] = np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+    return images, labels, N_CONTENT_CLASSES
+
+
+def degradation_set(n: int, *, image_size: int, seed: int, strength: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """``n`` images (uint8 ``N x H x W x 3``) of the ``degradations`` pretext, balanced int64 labels, class count.
 
     Content style is redrawn for every chunk of images so the backbone sees many
     domains; each class's parameters are redrawn per chunk too, so it learns the
@@ -111,7 +165,7 @@ def pretrain_set(n: int, *, image_size: int, seed: int, strength: float = 1.0) -
     ``data.twin.strength`` scales the CDDB twin's fingerprints (1.0 = the amplitudes above):
     the tiny CPU backbone learns neither at 1.0 in a CPU step budget.
     """
-    n_classes = len(CLASS_NAMES)
+    n_classes = len(DEGRADATION_CLASSES)
     families = list(FAMILIES.values())
     rng = np.random.default_rng([seed, 0x9E7])
     labels = rng.permutation(np.arange(n) % n_classes).astype(np.int64)

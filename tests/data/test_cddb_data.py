@@ -19,7 +19,8 @@ from genattr.data.transforms import test_transform, train_transform
 from genattr.run import build_protocol
 from genattr.twins import cddb as twin_cddb
 from genattr.twins.cddb import cddb_twin, ensure_cddb_twin
-from genattr.twins.pretrain import CLASS_NAMES, pretrain_set
+from genattr.twins.content import domain_style
+from genattr.twins.pretrain import DEGRADATION_CLASSES, N_CONTENT_CLASSES, content_styles, pretrain_set
 from genattr.utils.errors import ConfigError, DataError
 
 HARD = ["gaugan", "biggan", "wild", "whichfaceisreal", "san"]
@@ -370,16 +371,25 @@ def test_twin_fingerprints_are_learnable_but_not_trivial(long, cache: Path) -> N
 
 
 def test_pretrain_set() -> None:
-    x, y, k = pretrain_set(64, image_size=24, seed=3)
-    assert x.shape == (64, 24, 24, 3) and x.dtype == np.uint8
-    assert y.dtype == np.int64 and k == len(CLASS_NAMES) == 11 and set(y.tolist()) == set(range(k))
-    x2, y2, _ = pretrain_set(64, image_size=24, seed=3)
-    assert np.array_equal(x, x2) and np.array_equal(y, y2)
-    assert not np.array_equal(x, pretrain_set(64, image_size=24, seed=4)[0])
+    kw = {"image_size": 24, "seed": 3, "strength": 1.0}
+    for pretext, n_classes in (("content", N_CONTENT_CLASSES), ("degradations", len(DEGRADATION_CLASSES))):
+        x, y, k = pretrain_set(64, pretext=pretext, **kw)
+        assert x.shape == (64, 24, 24, 3) and x.dtype == np.uint8
+        assert y.dtype == np.int64 and k == n_classes and set(y.tolist()) == set(range(k))
+        x2, y2, _ = pretrain_set(64, pretext=pretext, **kw)
+        assert np.array_equal(x, x2) and np.array_equal(y, y2)
+        assert not np.array_equal(x, pretrain_set(64, pretext=pretext, **(kw | {"seed": 4}))[0])
     # strength scales the degradations only: at 0 every image is its clean content
-    x0, y0, _ = pretrain_set(64, image_size=24, seed=3, strength=0.0)
+    x, y, _ = pretrain_set(64, pretext="degradations", **kw)
+    x0, y0, _ = pretrain_set(64, pretext="degradations", **(kw | {"strength": 0.0}))
     assert np.array_equal(y0, y) and np.array_equal(x0[y == 0], x[y == 0])
     assert not np.array_equal(x0[y > 0], x[y > 0])
+    # the content pretext adds nothing, so strength does not touch it
+    assert np.array_equal(
+        pretrain_set(64, pretext="content", **kw)[0], pretrain_set(64, pretext="content", **(kw | {"strength": 0.0}))[0]
+    )
+    with pytest.raises(ConfigError, match="pretext='imagenet' is not a pretext; valid: content, degradations"):
+        pretrain_set(8, pretext="imagenet", **kw)
 
 
 def test_the_pretext_is_separate_from_the_twin_fingerprints() -> None:
@@ -392,3 +402,9 @@ def test_the_pretext_is_separate_from_the_twin_fingerprints() -> None:
     modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
     assert "genattr.twins.fingerprints" not in modules and "domain_style" not in names
+    # the content classes are styles of their own: none is a twin domain's (a task's, or a sub-category's)
+    domains = [domain_style(t) for t in CDDB_TASKS] + [
+        domain_style(t, s) for t, ss in SUBCATEGORIES.items() for s in ss
+    ]
+    for style in content_styles(0):
+        assert not any(np.allclose(style.palette, d.palette) for d in domains)

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 #: what makes each family's twin cheap to build from an empty cache (it is built twice per CI run otherwise once)
 COLD: dict[str, list[str]] = {
     "forgetting": ["model.twin_pretrain.epochs=2", "data.twin.n_train=12", "data.twin.n_test=6"],
-    "continual": [],
+    "continual": ["model.twin_pretrain.steps=5", "model.twin_pretrain.n_images=64"],
     "tracing": ["data.twin.n_proc=32", "data.twin.tok_steps=10", "data.twin.gen_steps=20", "data.twin.n_test=24"],
     "detection": [],
     "attribution": ["method.cache_dir=${paths.cache_dir}/unlearn"],
