@@ -48,7 +48,7 @@ format: install ## ruff autofix + format
 bench: install ## LoRAX throughput benchmark -> bench_results/lorax.json (ARGS=--tasks 5 ...)
 	$(PY) -m genattr.bench lorax $(ARGS)
 
-smoke-paper: install ## Every paper preset at full model/image size, 2 optimiser steps a stage, on CPU (~15 min on 2 cores)
+smoke-paper: install ## Every paper preset at full model/image size, 2 optimiser steps a stage, on CPU (~19 min on 2 cores)
 	$(PY) -m genattr.smoke --jobs $(SMOKE_JOBS) $(ARGS)
 
 gpu-check: install ## On a GPU machine, one call: images/s, MFU, LoRAX batched experts, every preset in paper precision -> bench_results/gpu.json

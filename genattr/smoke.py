@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -365,11 +366,14 @@ def run_one(
             if pid:
                 status, usage = status_raw, usage_raw
             elif time.perf_counter() > deadline:
-                proc.kill()
+                # os.kill, not proc.kill: Popen polls (and may reap) the child first, and wait4 then has no child
+                os.kill(proc.pid, signal.SIGKILL)
+                _, status, usage = os.wait4(proc.pid, 0)
             else:
                 time.sleep(0.5)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
     seconds = time.perf_counter() - t0
-    rc = os.waitstatus_to_exitcode(status)
+    rc = proc.returncode
     peak_mb = usage.ru_maxrss / 1024 if usage is not None else float("nan")
     results = out / preset / "results.json"
     note, gpu_gb, passed = "", None, rc == 0 and results.is_file()
