@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -532,3 +533,18 @@ def test_retrain_cache_and_plan_keep_the_couplings_apart(tmp_path):
     assert any(not torch.equal(theta0[k], v) for k, v in fresh.items())
     with pytest.raises(ConfigError, match="coupling=replay is unknown"):
         RetrainCache(tmp_path, cfg, RECIPE, lat, txt, coupling="replay")
+
+
+def test_a_retrain_whose_write_fails_leaves_no_partial_file(tmp_path, monkeypatch):
+    import genattr.methods.attribution.retrain_cache as retrain_cache
+
+    def full_disk(state, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    lat, txt = _data(8)
+    cache = RetrainCache(tmp_path, {"unet": UNET, "scheduler": {}, "seed": 0}, RECIPE, lat, txt, coupling="coupled")
+    monkeypatch.setattr(retrain_cache, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        cache.model([1])
+    assert not list(cache.folder.glob("*")), list(cache.folder.glob("*"))  # no .tmp, no half a retrain

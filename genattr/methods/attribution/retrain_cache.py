@@ -130,8 +130,11 @@ class RetrainCache:
             fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
             os.close(fd)
             meta = {"removed": json.dumps(removed), "base": json.dumps(self.base, sort_keys=True, default=str)}
-            save_file(state, tmp, metadata=meta)
-            os.replace(tmp, path)  # atomic: two jobs training the same key leave one whole file
+            try:
+                save_file(state, tmp, metadata=meta)
+                os.replace(tmp, path)  # atomic: two jobs training the same key leave one whole file
+            finally:  # a write that fails (a full disk, an interrupt) leaves no partial file in the cache
+                Path(tmp).unlink(missing_ok=True)
         if acc is not None:
             acc.wait_for_everyone()
         model.unet.load_state_dict(state)
