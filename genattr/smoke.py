@@ -236,44 +236,49 @@ def data_folder(preset: str, cache_dir: Path) -> Path:
     return cache_dir / "data" / DATA[preset][0]
 
 
-def _written_folder(folder: Path, make: Callable[[Path], None]) -> Path:
-    """``folder``, written once (into a temporary sibling, then renamed), one writer at a time."""
-    import shutil
-
-    with _WRITING:
-        if folder.is_dir():
-            return folder
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        make(tmp)
-        tmp.replace(folder)
-    return folder
-
-
 def weights_file(preset: str, cache_dir: Path) -> Path:
     """Where the random weights of ``preset`` (:data:`WEIGHTS`) live; :func:`run_one` writes them once."""
     return cache_dir / "weights" / WEIGHTS[preset][0]
 
 
-def _written(path: Path, make: Callable[[], Any]) -> Path:
-    """``path``, written once (seed 0, atomically) from the module ``make`` returns. One writer at a time: presets
-    that share a file run side by side, and Hydra's compose API is process-global."""
-    import torch
-    from safetensors.torch import save_file
+def _once(path: Path, write: Callable[[Path], None]) -> Path:
+    """``path`` (a file or a folder), written once: ``write`` fills a temporary sibling, which is renamed into place
+    (removed if ``write`` fails). One writer at a time: presets that share a file run side by side, and Hydra's
+    compose API is process-global."""
+    import shutil
 
     with _WRITING:
-        if path.is_file():
+        if path.exists():
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            write(tmp)
+            tmp.replace(path)
+        finally:  # gone after the rename; left over after a failed write
+            if tmp.is_dir():
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink(missing_ok=True)
+    return path
+
+
+def _written(path: Path, make: Callable[[], Any]) -> Path:
+    """``path``: the state dict of the module ``make`` returns (seed 0), in the format its suffix names, written
+    once (:func:`_once`)."""
+
+    def write(tmp: Path) -> None:
+        import torch
+        from safetensors.torch import save_file
+
         torch.manual_seed(0)
         state = {k: v.contiguous() for k, v in make().state_dict().items()}
-        tmp = path.with_name(path.name + ".tmp")
         if path.suffix == ".safetensors":
             save_file(state, str(tmp))
         else:
             torch.save(state, tmp)
-        tmp.replace(path)
-    return path
+
+    return _once(path, write)
 
 
 _WRITING = threading.Lock()
@@ -290,9 +295,10 @@ WEIGHTS: dict[str, tuple[str, Callable[[], Any]]] = {
 #: presets that run longest on CPU (AbU: a fixed 256-job micro-batch per loss sweep), started first
 LONGEST = ("unlearn_mscoco",)
 
-#: presets whose run reads a data folder in a release's format: generated at the preset's sizes, random content
-DATA: dict[str, tuple[str, Callable[[Path], None]]] = {
-    "unlearn_mscoco": ("abu_mscoco-random", release_mscoco),
+#: presets whose run reads a data folder in a release's format, generated at the preset's sizes with random content:
+#: preset -> (folder name, writer, the overrides that point the run at it; ``{}`` is the folder)
+DATA: dict[str, tuple[str, Callable[[Path], None], tuple[str, ...]]] = {
+    "unlearn_mscoco": ("abu_mscoco-random", release_mscoco, ("data.root={}", "data.vae={}/vae")),
 }
 
 
@@ -324,11 +330,7 @@ def command(preset: str, out: Path, *, steps: int, cache_dir: Path) -> list[str]
         f"trainer.max_steps={steps}",
         *SMOKE[preset],
         *([f"model.weights={weights_file(preset, cache_dir)}"] if preset in WEIGHTS else []),
-        *(
-            [f"data.root={data_folder(preset, cache_dir)}", f"data.vae={data_folder(preset, cache_dir) / 'vae'}"]
-            if preset in DATA
-            else []
-        ),
+        *(o.format(data_folder(preset, cache_dir)) for o in (DATA[preset][2] if preset in DATA else ())),
         f"hydra.run.dir={out / preset}",
         f"paths.cache_dir={cache_dir}",
     ]
@@ -348,7 +350,7 @@ def run_one(
     if preset in WEIGHTS:
         _written(weights_file(preset, cache_dir), WEIGHTS[preset][1])
     if preset in DATA:
-        _written_folder(data_folder(preset, cache_dir), DATA[preset][1])
+        _once(data_folder(preset, cache_dir), DATA[preset][1])
     log_path = out / f"{preset}.log"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     t0 = time.perf_counter()
@@ -374,7 +376,7 @@ def run_one(
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
     seconds = time.perf_counter() - t0
     rc = proc.returncode
-    peak_mb = usage.ru_maxrss / 1024 if usage is not None else float("nan")
+    peak_mb = usage.ru_maxrss / 1024
     results = out / preset / "results.json"
     note, gpu_gb, passed = "", None, rc == 0 and results.is_file()
     if rc != 0:

@@ -22,7 +22,7 @@ from PIL import Image
 from genattr.data.cddb import CDDB_TASKS, SUBCATEGORIES
 from genattr.twins.backbone import twin_backbone_file
 from genattr.twins.cache import cached_twin
-from genattr.twins.content import domain_style, name_seed, render
+from genattr.twins.content import domain_style, name_seed, render, to_uint8
 from genattr.twins.fingerprints import TRACES
 from genattr.twins.spec import Twin, plain
 from genattr.utils.errors import ConfigError
@@ -31,10 +31,6 @@ log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 2
 _CHUNK = 64  # images rendered per numpy batch; bounds memory at large image sizes
-
-
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
 
 
 def _split_counts(n: int, parts: int) -> list[int]:
@@ -63,7 +59,7 @@ def _write_class(
         batch = render(rng, min(_CHUNK, n - start), size, style)
         if fake:
             batch = TRACES[task].apply(batch, rng, strength)
-        for k, image in enumerate(_to_uint8(batch), start):
+        for k, image in enumerate(to_uint8(batch), start):
             Image.fromarray(image).save(folder / f"{task}_{k:05d}.png", compress_level=1)
 
 

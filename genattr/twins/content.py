@@ -154,6 +154,11 @@ def _blend(img: np.ndarray, colour: np.ndarray, alpha: np.ndarray) -> np.ndarray
     return img
 
 
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """Images in [0, 1] (what :func:`render` and the fingerprints return) as rounded, clipped uint8 pixels."""
+    return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+
+
 def render(rng: np.random.Generator, n: int, size: int, style: Style) -> np.ndarray:
     """Render ``n`` images of side ``size``: gradient, texture, stripes, shapes, grain."""
     pal = style.palette

@@ -27,7 +27,7 @@ from functools import partial
 
 import numpy as np
 
-from genattr.twins.content import Style, gaussian_blur, random_style, render
+from genattr.twins.content import Style, gaussian_blur, random_style, render, to_uint8
 from genattr.utils.errors import ConfigError
 
 Op = Callable[[np.ndarray], np.ndarray]
@@ -152,7 +152,7 @@ def content_set(n: int, *, image_size: int, seed: int) -> tuple[np.ndarray, np.n
         for cls in np.unique(labels[start:stop]):
             idx = np.flatnonzero(labels[start:stop] == cls)
             out[idx] = render(crng, len(idx), image_size, styles[cls])
-        images[start:stop] = np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+        images[start:stop] = to_uint8(out)
     return images, labels, N_CONTENT_CLASSES
 
 
@@ -183,5 +183,5 @@ def degradation_set(n: int, *, image_size: int, seed: int, strength: float) -> t
             y = families[cls - 1](crng)(x)
             scale = crng.uniform(0.75, 1.25, (len(idx), 1, 1, 1))
             out[idx] = x + (y - x) * (scale * strength)
-        images[start:stop] = np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+        images[start:stop] = to_uint8(out)
     return images, labels, n_classes

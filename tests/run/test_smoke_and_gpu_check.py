@@ -177,7 +177,7 @@ def test_generated_mscoco_release_has_the_preset_shapes_and_loads(tmp_path):
     from genattr.models.diffusion import build_diffusion, diffusion_kwargs, load_unet_weights
 
     paper = compose_config(["experiment=unlearn_mscoco"], tmp_path)
-    folder = smoke._written_folder(tmp_path / "rel", smoke.release_mscoco)
+    folder = smoke._once(tmp_path / "rel", smoke.release_mscoco)
     protocol = load_mscoco(folder, vae=str(folder / "vae"))
     unet = paper.model.unet
     assert protocol.train_latents.shape == (8, unet.in_channels, unet.sample_size, unet.sample_size)
